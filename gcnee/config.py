@@ -1,0 +1,305 @@
+"""Typed configuration: dataclass schemas, YAML loading, ``key=value`` overrides, validation.
+
+A config file is YAML merged over the schema defaults below; command-line overrides are OmegaConf
+dotlist entries (``llm.lora.r=16``). Unknown keys and wrong types fail at once with a message that
+names the key and what would have been valid. The resolved config is saved beside every stage
+output (``config.yaml``), so every result can be traced to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # defaults to the config file's stem
+    seed: int = 0
+    checkpoints_dir: str = "checkpoints"  # outputs: <checkpoints_dir>/<name>/<stage>/
+    logs_dir: str = "logs"  # TensorBoard and report: <logs_dir>/<name>/
+
+
+@dataclass
+class DataConfig:
+    # amazon | bookcrossing | movielens-100k | movielens-1m | recbole
+    format: str = "recbole"
+    path: str = "data/ml-100k"  # folder holding the raw files
+    # Embedded datasets fetched automatically when `path` is missing (only "ml-100k" exists).
+    fetch: str | None = None
+    # File names inside `path`; null means the format's default (see gcnee/data/readers.py).
+    interactions_file: str | None = None
+    items_file: str | None = None
+    users_file: str | None = None
+    # Parsing; null means the format's default.
+    sep: str | None = None
+    encoding: str | None = None
+    header: bool | None = None
+    missing_title: str = "drop"  # drop | id: items without a title are dropped or titled by id
+    keep_implicit: bool = False  # BookCrossing rating 0 (implicit feedback)
+    max_bad_fraction: float = 0.01  # share of malformed lines per file above which the run stops
+    # Samples (DESIGN.md §1.1)
+    label_threshold: float = 3.0
+    label_op: str = ">"  # ">" or ">=": label = rating <op> label_threshold
+    max_history: int = 15
+    min_history: int = 3
+    split: str = "random"  # random | global_time
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    few_shot_count: int | None = None  # training samples the LLM sees (count) ...
+    few_shot_fraction: float | None = None  # ... or fraction of train; both null: all of train
+
+
+@dataclass
+class RetrieverConfig:
+    kind: str = "gcn"  # gcn | llm | random | none
+    k: int = 4  # similar users per user
+    layers_mode: str = "average"  # average | last
+    include_layer0: bool = True  # whether the layer average includes the input embeddings
+    embedding_dim: int = 64
+    num_layers: int = 3
+    lr: float = 1e-3
+    epochs: int = 50
+    batch_size: int = 2048
+    num_negatives: int = 1
+    weight_decay: float = 1e-4  # L2 on the batch's embeddings (PyG's BPRLoss lambda_reg)
+    patience: int = 5  # early stopping on validation recall@k
+    recall_k: int = 20
+    search_chunk: int = 1024  # users per block in the cosine top-k search (memory chunk x users)
+    # Added by the retriever stage (gcnee/retrieval):
+    edges: str = "all"  # all | positive: graph edges = all interactions or rating <op> threshold
+    llm_batch_size: int = 8  # kind llm / bench: users per LM forward
+    llm_max_length: int = 512  # kind llm / bench: history tokens kept (most recent)
+    max_users_llm: int | None = 256  # bench retrieval: users the LLM side embeds (null: all)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class LLMConfig:
+    model: str = "smollm2-135m-instruct"  # default, local HF folder, GGUF file, or hub id
+    answer_words: list[str] = field(default_factory=lambda: ["Yes", "No"])
+    quantization: str | None = None  # null | nf4 | int8
+    max_length: int = 512
+    use_chat_template: bool = True
+    loss: str = "vocab"  # vocab | binary
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    # Cap on the few-shot samples tuned on (seeded subset; null = all of data.few_shot_*), so
+    # the training budget can change without rerunning the data and retriever stages.
+    max_train_samples: int | None = None
+
+
+@dataclass
+class PromptConfig:
+    instruction: str = (
+        "Predict whether the user will like the target item. Answer Yes or No."
+    )
+    examples_per_user: int = 3
+    # target_first: a similar user's own rating of the target (if any) before their recent items
+    example_order: str = "target_first"  # target_first | recent
+    example_template: str = "User {name} rated {title} with {rating} stars."
+    history_template: str = "{title} ({rating} stars)"
+    target_template: str = "Target item: {title}"
+    question: str = "Will the user like the target item? Answer Yes or No."
+    # Added with the prompt builder (gcnee/llm/prompts.py):
+    examples_header: str = "Ratings by users with similar taste:"  # "" = no header line
+    history_header: str = "The user's ratings, oldest first:"
+    history_items: int | None = None  # most recent history items shown; null = all of the sample's
+    # An explicit aggregate of the similar users' ratings of the target (DESIGN.md §5), shown as
+    # the first example line when at least one of them rated it.
+    target_aggregate: bool = False
+    target_aggregate_template: str = (
+        "On average, similar users rated {title} {mean:.1f} stars ({count} of {k} rated it)."
+    )
+
+
+@dataclass
+class ExitsConfig:
+    layers: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 30])
+    head: str = "answer"  # full | answer
+    init: str = "copy"  # random | copy
+    lr: float = 1e-3
+    beta: float = 0.1  # lr_d = lr * exp(-beta * d)
+    lr_depth: str = "head"  # what d counts: head (index among trained heads, 0..) | layer
+    epochs: int = 1
+    batch_size: int = 8
+
+
+@dataclass
+class TrainerConfig:
+    """Passed through to ``lightning.Trainer`` (epochs and batch sizes live in each stage)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1  # int, list of ids, or "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int | None = 2000  # evaluation samples per split (deterministic subset)
+    val_max_samples: int | None = None  # validation subset size; null = same as max_samples
+    batch_size: int = 8
+    rule: str = "window"  # window | confidence | patience
+    thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
+    windows: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # The τ sweep runs at window m = `window`; the m sweep at τ = `threshold` (paper Figs 3, 4).
+    threshold: float = 0.05
+    window: int = 2
+    # Requests timed per sweep row (a deterministic subset of the evaluation samples; null =
+    # all). AUC is always over every evaluation sample (replayed from one all-heads pass).
+    rps_samples: int | None = 512
+    # window rule: previous discrepancies needed before it may fire (1 = partial window, so the
+    # third exit head is the earliest exit; >= m waits for a full window). gcnee/exits/rules.py
+    window_min_prev: int = 1
+    bootstrap: int = 1000  # resamples for AUC confidence intervals
+    ablations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    exits: ExitsConfig = field(default_factory=ExitsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _schema_at(path: list[str]) -> Any:
+    """The dataclass reached by following ``path`` (field names) from ``Config``."""
+    cls: Any = Config
+    for name in path:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return None
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(default):
+            return None
+        cls = type(default)
+    return cls
+
+
+def _valid_keys(path: list[str]) -> list[str]:
+    cls = _schema_at(path)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+
+
+def _explain(err: Exception, source: str) -> ConfigError:
+    """Turn an OmegaConf error into one message naming the key and what was expected."""
+    key = getattr(err, "full_key", None) or ""
+    parts = [p.split("[")[0] for p in key.split(".") if p]  # "thresholds[0]" -> "thresholds"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        valid = _valid_keys(parts[:-1])
+        where = ".".join(parts[:-1]) or "the top level"
+        return ConfigError(
+            f"{source}: unknown key '{key}'. Valid keys in {where}: {', '.join(valid)}"
+        )
+    if isinstance(err, ValidationError):
+        cls = _schema_at(parts[:-1])
+        types = {f.name: f.type for f in dataclasses.fields(cls)} if cls is not None else {}
+        expected = str(types.get(parts[-1] if parts else "", "the schema's type"))
+        value = getattr(err, "msg", str(err)).split("\n")[0]
+        return ConfigError(f"{source}: wrong type for '{key}' (expected {expected}): {value}")
+    return ConfigError(f"{source}: {err}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Load ``path`` (YAML) over the schema defaults, then apply ``key=value`` overrides.
+
+    Returns a structured ``DictConfig`` (attribute access, type-checked on assignment). The run
+    name defaults to the config file's stem.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except (ConfigKeyError, ConfigAttributeError, ValidationError) as err:
+            raise _explain(err, str(path)) from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except (ConfigKeyError, ConfigAttributeError, ValidationError) as err:
+            raise _explain(err, f"override '{item}'") from None
+        except yaml.YAMLError:
+            # Values are parsed as YAML: '>', '|', '[' etc. start YAML syntax unless quoted.
+            key, value = item.split("=", 1)
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML; quote it, e.g. "
+                f"{key}='{value}' (shell: \"{key}='{value}'\")"
+            ) from None
+    if cfg.run.name is None:
+        cfg.run.name = Path(path).stem if path is not None else "default"
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def section_fingerprint(cfg: DictConfig, keys: list[str]) -> str:
+    """A stable hash of the named config sections/keys (dotted paths), for stage caching."""
+    picked = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
+              if isinstance(OmegaConf.select(cfg, k), DictConfig) else OmegaConf.select(cfg, k)
+              for k in keys}
+    blob = json.dumps(picked, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flat(cfg: DictConfig, keys: list[str]) -> dict[str, Any]:
+    """``{dotted.key: value}`` for the named sections, to show what changed between runs."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = node
+
+    for k in keys:
+        node = OmegaConf.select(cfg, k)
+        walk(k, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
+             else node)
+    return out

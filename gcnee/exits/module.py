@@ -1,0 +1,146 @@
+"""``ExitHeadsModule``: trains exit heads on a frozen, merged CTR backbone (DESIGN.md §1.5).
+
+The backbone never changes: its parameters have ``requires_grad=False`` and it stays in eval mode
+even when Lightning calls ``.train()``. Each batch runs the backbone once, without gradient, up to
+the deepest trainable exit layer (not further), and every trainable head is trained on the
+last-position hidden state of its layer. The head at the model's last layer, when
+``exits.layers`` holds it, is the tuned model's own head (frozen, see ``heads.py``): it is
+evaluated, not trained.
+
+Loss per head (``exits.head``): ``full`` — cross-entropy over the whole vocabulary on the answer
+token ("Yes" for label 1, "No" for 0; the paper's ``-log p^(l)(y|x)``); ``answer`` — cross-entropy
+over the two answer logits. The training loss is the sum of the head losses; the heads share no
+parameters, so each head gets exactly its own loss's gradient.
+
+Learning rates: one optimizer (AdamW), one parameter group per trained head, lr
+``exits.lr * exp(-exits.beta * d)``. ``exits.lr_depth`` sets what ``d`` counts: ``head`` (default)
+— the head's index among the trained heads, 0 for the shallowest, so the shallowest head gets
+``exits.lr``; ``layer`` — the exit layer number itself (``d = 5`` for a head after layer 5).
+
+Logged scalars: ``train/loss/head_05`` and ``train/lr/head_05`` per trained head (two-digit
+layer number), ``val/loss/head_05`` and ``val/auc/head_05`` (``test/...`` in the test loop) per
+head, own head included (AUC only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryAUROC
+
+from gcnee.exits.heads import ExitHeads
+from gcnee.exits.scorer import last_hidden_states
+
+LR_DEPTHS = ("head", "layer")
+
+
+def head_name(layer: int) -> str:
+    """``head_05`` for the head after layer 5 (the suffix of its logged scalars)."""
+    return f"head_{int(layer):02d}"
+
+
+def head_learning_rates(layers: list[int], lr: float, beta: float,
+                        depth: str = "head") -> dict[int, float]:
+    """``{layer: lr * exp(-beta * d)}`` for trained heads at ``layers`` (see module docstring)."""
+    if depth not in LR_DEPTHS:
+        raise ValueError(f"exits.lr_depth='{depth}' is not one of {LR_DEPTHS}")
+    return {layer: lr * math.exp(-beta * (i if depth == "head" else layer))
+            for i, layer in enumerate(layers)}
+
+
+class ExitHeadsModule(L.LightningModule):
+    """Exit heads on a frozen backbone.
+
+    Args:
+        backbone: the merged tuned causal LM (Llama-style); frozen here.
+        heads: :class:`ExitHeads` built for it.
+        lr, beta: ``exits.lr``, ``exits.beta``; ``lr_depth``: ``exits.lr_depth``.
+        weight_decay: AdamW weight decay.
+
+    Batches: ``{"input_ids": (B, T), "attention_mask": (B, T) left-padded, "label": (B,) 0/1}``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, heads: ExitHeads, lr: float = 1e-3,
+                 beta: float = 0.1, lr_depth: str = "head", weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if not heads.trainable_layers:
+            raise ValueError(f"exits.layers={heads.layers} has no head to train (only the "
+                             "model's own last layer)")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.heads = heads
+        self.lrs = head_learning_rates(heads.trainable_layers, float(lr), float(beta), lr_depth)
+        self.weight_decay = float(weight_decay)
+        # Checkpoints hold only the heads; the frozen backbone comes from the LLM stage's folder.
+        self.strict_loading = False
+        self.auc = torch.nn.ModuleDict({
+            split: torch.nn.ModuleDict({str(layer): BinaryAUROC() for layer in heads.layers})
+            for split in ("val", "test")})
+
+    def train(self, mode: bool = True) -> ExitHeadsModule:
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, whatever Lightning asks
+        return self
+
+    # ---- heads ------------------------------------------------------------------------------
+    def hidden(self, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
+        """Last-position hidden states ``{layer: (B, hidden)}`` from the frozen backbone."""
+        return last_hidden_states(self.backbone, batch["input_ids"], batch["attention_mask"],
+                                  layers)
+
+    def head_loss(self, layer: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head at ``layer`` on the answer token, ``h`` (B, hidden)."""
+        logits = self.heads.train_logits(layer, h).float()
+        idx = 1 - labels.long()  # 0 = yes, 1 = no
+        target = self.heads.answer_ids[idx] if self.heads.head_kind == "full" else idx
+        return F.cross_entropy(logits, target)
+
+    def head_losses(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``{layer: loss}`` for every trained head on ``batch``."""
+        hs = self.hidden(batch, self.heads.trainable_layers)
+        return {layer: self.head_loss(layer, hs[layer], batch["label"]) for layer in hs}
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.head_losses(batch)
+        bs = batch["input_ids"].shape[0]
+        groups = ({g["name"]: g for g in self.trainer.optimizers[0].param_groups}
+                  if self._trainer is not None and self.trainer.optimizers else {})
+        for layer, loss in losses.items():
+            name = head_name(layer)
+            self.log(f"train/loss/{name}", loss, on_step=True, on_epoch=True, batch_size=bs)
+            if name in groups:
+                self.log(f"train/lr/{name}", groups[name]["lr"], on_step=True, batch_size=bs)
+        return torch.stack(list(losses.values())).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.heads.head_parameters(layer), "lr": lr,
+                   "name": head_name(layer)} for layer, lr in self.lrs.items()]
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("backbone.")}
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        hs = self.hidden(batch, self.heads.layers)
+        labels = batch["label"].long()
+        bs = labels.shape[0]
+        for layer, h in hs.items():
+            name = head_name(layer)
+            metric = self.auc[split][str(layer)]
+            metric.update(self.heads.prob_yes(layer, h), labels)
+            self.log(f"{split}/auc/{name}", metric, on_step=False, on_epoch=True, batch_size=bs)
+            if not self.heads.is_own_head(layer):
+                self.log(f"{split}/loss/{name}", self.head_loss(layer, h, labels),
+                         on_step=False, on_epoch=True, batch_size=bs)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)

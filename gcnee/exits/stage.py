@@ -1,0 +1,137 @@
+"""The ``exits`` stage: train exit heads on the frozen tuned model, then sweep the exit rules.
+
+Reads the merged tuned model of the ``llm`` stage (``checkpoints/<run>/llm/merged``) and the same
+tokenized prompts (``CTRDataModule``; its token cache in the llm stage folder is reused). Trains
+the heads with ``ExitHeadsModule`` on the few-shot training samples (one optimizer, one parameter
+group per head, depth-decayed learning rates; resumes from ``ckpt/last.ckpt``), validates each
+head's AUC, then runs the test loop with :class:`ThresholdSweepCallback`: AUC, RPS and exit
+layers per τ and per m against the full-depth reference. Outputs in ``checkpoints/<run>/exits/``:
+``heads.pt`` (head weights + layers/answer ids), ``sweep.{csv,json,md}``, ``sweep_*.png``,
+``summary.json``. TensorBoard: ``logs/<run>/exits/`` (``train/loss/head_05``, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from gcnee.exits.heads import ExitHeads
+from gcnee.stages import StageContext, register, write_json
+
+
+def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
+                       callbacks: list[Any] | None = None) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` with the exit stage's epochs."""
+    t = cfg.trainer
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
+        logger=logger if logger is not None else False, callbacks=callbacks or [],
+        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+    )
+    if fit:
+        kwargs.update(max_epochs=int(cfg.exits.epochs), gradient_clip_val=t.gradient_clip_val)
+    return L.Trainer(**kwargs)
+
+
+def load_tuned(llm_dir: Path) -> tuple[torch.nn.Module, Any]:
+    """The merged tuned model and its tokenizer (left padding) from the llm stage folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = llm_dir / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_heads(path: Path, heads: ExitHeads, cfg: DictConfig) -> None:
+    from gcnee.stages import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": heads.state_dict(), "layers": heads.layers,
+                    "answer_ids": heads.answer_ids.tolist(), "head": cfg.exits.head,
+                    "init": cfg.exits.init, "num_layers": heads.num_layers}, tmp)
+
+
+def load_heads(path: Path, model: torch.nn.Module) -> ExitHeads:
+    """Exit heads saved by this stage, rebuilt for ``model`` (the merged tuned model)."""
+    blob = torch.load(path, weights_only=True)
+    heads = ExitHeads.from_model(model, blob["layers"], blob["answer_ids"], head=blob["head"],
+                                 init="copy")
+    heads.load_state_dict(blob["state_dict"])
+    return heads
+
+
+@register("exits", config_keys=["exits", "eval", "run.seed", "trainer"], requires=["llm"],
+          help="train exit heads on the frozen tuned model; AUC/RPS sweep over exit thresholds")
+def run(ctx: StageContext) -> dict[str, Any]:
+    from gcnee.exits.module import ExitHeadsModule
+    from gcnee.exits.sweep import ThresholdSweepCallback
+    from gcnee.llm.backbone import answer_token_ids
+    from gcnee.llm.datamodule import CTRDataModule
+
+    cfg = ctx.cfg
+    seconds: dict[str, float] = {}
+    L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
+    llm_dir = ctx.input_dir("llm")
+    t0 = time.time()
+    model, tokenizer = load_tuned(llm_dir)
+    answer_ids = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
+                                  cfg.llm.use_chat_template)
+    heads = ExitHeads.from_model(model, list(cfg.exits.layers), answer_ids,
+                                 head=cfg.exits.head, init=cfg.exits.init)
+    # The head-training batch size is the exit stage's own; everything else as the llm stage.
+    dm_cfg = cfg.copy()
+    dm_cfg.llm.batch_size = int(cfg.exits.batch_size)
+    dm = CTRDataModule(dm_cfg, ctx.input_dir("data"), ctx.input_dir("retriever"), llm_dir,
+                       tokenizer)
+    dm.prepare_data()
+    dm.setup()
+    seconds["load"] = time.time() - t0
+
+    module = ExitHeadsModule(model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
+                             lr_depth=cfg.exits.lr_depth)
+    logger = TensorBoardLogger(save_dir=str(ctx.log_dir), name="", version="",
+                               default_hp_metric=False)
+    ckpt_dir = ctx.out_dir / "ckpt"
+    last = ckpt_dir / "last.ckpt"
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
+    t0 = time.time()
+    trainer = build_exit_trainer(cfg, fit=True, logger=logger, callbacks=[checkpoint])
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+    seconds["train"] = time.time() - t0
+
+    t0 = time.time()
+    test = dm.datasets["test"]
+    sweep = ThresholdSweepCallback(test.input_ids, test.labels, cfg.eval, ctx.out_dir,
+                                   seed=int(cfg.run.seed))
+    tester = build_exit_trainer(cfg, fit=False, logger=logger, callbacks=[sweep])
+    metrics = tester.test(module, datamodule=dm, verbose=False)[0]
+    seconds["test_and_sweep"] = time.time() - t0
+    summary: dict[str, Any] = {
+        "layers": heads.layers,
+        "learning_rates": {str(k): v for k, v in module.lrs.items()},
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "test": {k: float(v) for k, v in metrics.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    if trainer.is_global_zero:
+        save_heads(ctx.out_dir / "heads.pt", heads, cfg)
+        if sweep.result is not None:
+            summary["sweep"] = [{k: r[k] for k in ("row", "auc", "auc_lo", "auc_hi", "rps",
+                                                   "speedup", "mean_exit_layer")}
+                                for r in sweep.result["rows"]]
+        write_json(ctx.out_dir / "summary.json", summary)
+    return summary

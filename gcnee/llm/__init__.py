@@ -1,0 +1,1 @@
+"""The CTR language model: backbone loading (``backbone``), prompt building (``prompts``)."""

@@ -1,0 +1,232 @@
+"""``CTRLLMModule``: LoRA tuning of a causal LM to answer Yes/No, scored by the two answer logits.
+
+The prompt's token ids end exactly where the answer token starts and batches are left-padded,
+so the answer is predicted at the last position of every row: only that position's logits are
+computed (``logits_to_keep=1``). Position ids are derived from the attention mask, so a prompt
+gets the same score alone or left-padded in any batch.
+
+Score (DESIGN.md §1.4): ``P(yes) = softmax([s_yes, s_no])[0]`` at the last position. Loss
+(``llm.loss``): ``vocab`` = cross-entropy over the whole vocabulary on the answer token ("Yes"
+for label 1, "No" for 0; the paper's loss), or ``binary`` = cross-entropy over the two answer
+logits only.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+LOSSES = ("vocab", "binary")
+
+
+def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) at the last position of left-padded ``input_ids`` (B, T).
+
+    Position ids count only real tokens (pads get 0), so left padding does not shift them.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :]
+
+
+def answer_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """The (B, 2) float32 logits of [yes, no] taken from last-position logits (B, V)."""
+    return logits[:, [yes_id, no_id]].float()
+
+
+def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """P(yes) (B,) = two-way softmax over the answer logits of last-position logits (B, V)."""
+    return torch.softmax(answer_logits(logits, yes_id, no_id), dim=-1)[:, 0]
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int,
+                kind: str = "vocab") -> torch.Tensor:
+    """Mean cross-entropy on the answer token; ``logits`` (B, V), ``labels`` (B,) in {0, 1}."""
+    if kind == "vocab":
+        target = torch.where(labels == 1, yes_id, no_id)
+        return F.cross_entropy(logits.float(), target)
+    if kind == "binary":
+        return F.cross_entropy(answer_logits(logits, yes_id, no_id), 1 - labels.long())
+    raise ValueError(f"llm.loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+
+
+def add_lora(model: torch.nn.Module, lora_cfg: DictConfig) -> torch.nn.Module:
+    """Wrap ``model`` with trainable LoRA adapters (``llm.lora.*``); the base stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=int(lora_cfg.r), lora_alpha=int(lora_cfg.alpha),
+                        lora_dropout=float(lora_cfg.dropout),
+                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class CTRLLMModule(L.LightningModule):
+    """LoRA-tuned causal LM scoring CTR prompts by P(yes).
+
+    Args:
+        model: a causal LM (already quantized + ``prepare_for_kbit`` if QLoRA is wanted).
+        yes_id, no_id: the answer tokens' ids (``gcnee.llm.backbone.answer_token_ids``).
+        llm_cfg: the ``llm`` config section (loss, lora, lr, weight_decay, warmup_ratio).
+        lora: wrap ``model`` with new LoRA adapters (False: ``model`` is used as given, e.g. an
+            already-loaded ``PeftModel``).
+
+    After ``trainer.validate``/``trainer.test``, ``results[split]`` holds the per-sample
+    ``sample_id``, ``score`` and ``label`` arrays (gathered over ranks, sorted by sample_id), and
+    metrics are logged as ``<tag>/<split>_{auc,log_loss,accuracy}`` (``tag`` is an attribute:
+    "untuned" before training, "tuned" after).
+    """
+
+    def __init__(self, model: torch.nn.Module, yes_id: int, no_id: int, llm_cfg: DictConfig,
+                 *, lora: bool = True) -> None:
+        super().__init__()
+        if llm_cfg.loss not in LOSSES:
+            raise ValueError(f"llm.loss must be one of {', '.join(LOSSES)}, got {llm_cfg.loss!r}")
+        self.model = add_lora(model, llm_cfg.lora) if lora else model
+        self.yes_id, self.no_id = int(yes_id), int(no_id)
+        self.loss_kind = str(llm_cfg.loss)
+        self.lr, self.weight_decay = float(llm_cfg.lr), float(llm_cfg.weight_decay)
+        self.warmup_ratio = float(llm_cfg.warmup_ratio)
+        self.tag = "tuned"
+        # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from disk.
+        self.strict_loading = False
+        self.eval_metrics = torch.nn.ModuleDict({
+            split: MetricCollection({"auc": BinaryAUROC(), "accuracy": BinaryAccuracy()})
+            for split in ("val", "test")})
+        self.eval_logloss = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self._outputs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+            "val": [], "test": []}
+        self.results: dict[str, dict[str, np.ndarray]] = {}
+
+    # ---- scoring --------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (B, V) for left-padded prompts (B, T)."""
+        return last_position_logits(self.model, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """P(yes) (B,) float32."""
+        return yes_probability(self(input_ids, attention_mask), self.yes_id, self.no_id)
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = answer_loss(logits, batch["label"], self.yes_id, self.no_id, self.loss_kind)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check llm.lora.target_modules")
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(self.warmup_ratio * total))
+
+        def factor(step: int) -> float:  # linear warmup to lr, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in keep}
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        probs = self.score(batch["input_ids"], batch["attention_mask"])
+        labels = batch["label"]
+        self.eval_metrics[split].update(probs, labels)
+        self.eval_logloss[split].update(
+            F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float(),
+                                   reduction="none"))
+        self._outputs[split].append((batch["sample_id"].cpu().numpy(),
+                                     probs.float().cpu().numpy(), labels.cpu().numpy()))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_end(self, split: str) -> None:
+        values = self.eval_metrics[split].compute()  # synced over ranks by torchmetrics
+        logloss = self.eval_logloss[split].compute()
+        self.eval_metrics[split].reset()
+        self.eval_logloss[split].reset()
+        self.log_dict({f"{self.tag}/{split}_auc": values["auc"].float(),
+                       f"{self.tag}/{split}_accuracy": values["accuracy"].float(),
+                       f"{self.tag}/{split}_log_loss": logloss.float()}, sync_dist=False)
+        local = self._outputs[split]
+        self._outputs[split] = []
+        parts = [p for rank in _gather_objects(local) for p in rank]
+        if parts:
+            ids, scores, labels = (np.concatenate(x) for x in zip(*parts, strict=True))
+        else:
+            ids, scores, labels = np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+        ids, first = np.unique(ids, return_index=True)  # sorted; no duplicates expected
+        self.results[split] = {"sample_id": ids, "score": scores[first],
+                               "label": labels[first]}
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ---- export ---------------------------------------------------------------------------
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Save the LoRA adapter with peft's ``save_pretrained`` (replaces ``folder``)."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        _replace_dir(tmp, folder)
+        return folder
+
+    def merged_model(self) -> torch.nn.Module:
+        """A copy of the backbone with the LoRA weights merged in (this module is unchanged)."""
+        return copy.deepcopy(self.model).merge_and_unload()
+
+    def save_merged(self, folder: str | Path, tokenizer: Any = None) -> Path:
+        """Save the merged model (and tokenizer) as a plain HF folder for the exit stage."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged = self.merged_model()
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        del merged
+        _replace_dir(tmp, folder)
+        return folder

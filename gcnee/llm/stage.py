@@ -1,0 +1,232 @@
+"""The ``llm`` stage: LoRA-tune the CTR language model and report it beside simple scorers.
+
+Order: load backbone -> build/load the token cache (``CTRDataModule``) -> score the UNTUNED model
+on the validation and test subsets (cached per prompt set, so reruns that only change training
+settings skip it) -> simple scorers (train item-mean, history-mean) on the same samples -> LoRA
+training (resumes from ``ckpt/last.ckpt`` of the same configuration) -> score the tuned model ->
+save the adapter (``adapter/``, peft format) and a merged copy (``merged/``, plain HF folder with
+tokenizer, read by the exit stage) -> ``scores_{val,test}.csv`` (one row per sample) and
+``summary.json`` (AUC with 95% bootstrap CI per scorer, log-loss, accuracy, truncations, seconds).
+TensorBoard: ``logs/<run>/llm/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
+from gcnee.metrics import summarize
+from gcnee.simple_scorers import SCORERS, score_simple
+from gcnee.stages import StageContext, fingerprint, read_json, register, write_json
+
+PROB_SCORERS = ("tuned", "untuned")
+
+
+def build_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
+                  callbacks: list[Any] | None = None) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` (+ ``llm`` epochs/steps when ``fit``).
+
+    Fitting never validates (validation is run explicitly before and after), and Lightning's
+    distributed sampler is off: ``CTRDataModule`` shards evaluation itself without duplicates.
+    """
+    t = cfg.trainer
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
+        logger=logger if logger is not None else False, callbacks=callbacks or [],
+        use_distributed_sampler=False, enable_model_summary=fit,
+        enable_checkpointing=bool(callbacks),
+    )
+    if fit:
+        kwargs.update(max_epochs=int(cfg.llm.epochs), max_steps=int(cfg.llm.max_steps),
+                      accumulate_grad_batches=int(cfg.llm.accumulate_grad_batches),
+                      gradient_clip_val=t.gradient_clip_val, limit_val_batches=0,
+                      num_sanity_val_steps=0)
+    return L.Trainer(**kwargs)
+
+
+def _device_map(cfg: DictConfig) -> Any:
+    """bitsandbytes models are placed at load time (Lightning cannot move them afterwards)."""
+    if cfg.llm.quantization is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def _prepare_ckpt_dir(ctx: StageContext) -> Path:
+    """``ckpt/`` for this configuration: a checkpoint of another configuration is removed."""
+    ckpt_dir = ctx.out_dir / "ckpt"
+    stamp = ckpt_dir / "fingerprint.txt"
+    fp = fingerprint(ctx.cfg, ctx.stage.name)
+    if ckpt_dir.exists() and (ctx.force or not stamp.is_file()
+                              or stamp.read_text().strip() != fp):
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp + "\n")
+    return ckpt_dir
+
+
+def _evaluate(trainer: L.Trainer, module: Any, dm: CTRDataModule) -> dict[str, dict]:
+    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return {s: {k: v.tolist() for k, v in module.results[s].items()} for s in EVAL_SPLITS}
+
+
+def _untuned_cache(ctx: StageContext, dm: CTRDataModule) -> Path:
+    cfg = ctx.cfg
+    key = f"{dm.cache_path().stem}-{cfg.llm.quantization}-{cfg.trainer.precision}"
+    return ctx.out_dir / f"untuned-{key}.json"
+
+
+def _check_alignment(split: str, got: dict[str, list], ids: np.ndarray) -> np.ndarray:
+    sid = np.asarray(got["sample_id"])
+    if not np.array_equal(sid, ids):
+        raise RuntimeError(f"{split}: scored samples differ from the split's samples "
+                           f"({len(sid)} scored, {len(ids)} expected)")
+    return np.asarray(got["score"], dtype=np.float64)
+
+
+def _write_scores(path: Path, ids: np.ndarray, labels: np.ndarray,
+                  columns: dict[str, np.ndarray]) -> None:
+    from gcnee.stages import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample_id", "label", *columns])
+        for i in range(len(ids)):
+            w.writerow([int(ids[i]), int(labels[i]),
+                        *(f"{float(c[i]):.6g}" for c in columns.values())])
+
+
+def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A plain-text table: one row per (split, scorer): AUC [95% CI], log-loss, accuracy, n."""
+    lines = [f"{'split':<6}{'scorer':<14}{'AUC':>7}  {'95% CI':<16}{'log-loss':>9}"
+             f"{'acc':>7}{'n':>7}"]
+    for split, by_scorer in metrics.items():
+        for name, m in by_scorer.items():
+            ll = f"{m['log_loss']:.4f}" if "log_loss" in m else "-"
+            acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
+            lines.append(f"{split:<6}{name:<14}{m['auc']:>7.4f}  "
+                         f"[{m['auc_lo']:.3f}, {m['auc_hi']:.3f}]  {ll:>9}{acc:>7}{m['n']:>7}")
+    return "\n".join(lines)
+
+
+@register("llm", config_keys=["llm", "prompt", "eval.max_samples", "eval.val_max_samples",
+                              "eval.bootstrap", "run.seed", "trainer"],
+          requires=["data", "retriever"],
+          help="LoRA-tune the CTR LLM; AUC of tuned/untuned/simple scorers with 95% CIs")
+def run(ctx: StageContext) -> dict[str, Any]:
+    from gcnee.data.tables import PreparedData
+    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
+    from gcnee.llm.module import CTRLLMModule
+
+    cfg = ctx.cfg
+    seconds: dict[str, float] = {}
+    t0 = time.time()
+    L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
+    data_dir, retriever_dir = ctx.input_dir("data"), ctx.input_dir("retriever")
+    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir,
+                                     device_map=_device_map(cfg))
+    if cfg.llm.quantization is not None:
+        model = prepare_for_kbit(model)
+    yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
+                                     cfg.llm.use_chat_template)
+    seconds["load"] = time.time() - t0
+
+    t0 = time.time()
+    dm = CTRDataModule(cfg, data_dir, retriever_dir, ctx.out_dir, tokenizer)
+    dm.prepare_data()
+    dm.setup()
+    seconds["prompts"] = time.time() - t0
+    module = CTRLLMModule(model, yes_id, no_id, cfg.llm)
+    logger = TensorBoardLogger(save_dir=str(ctx.log_dir), name="", version="",
+                               default_hp_metric=False)
+
+    # Untuned: LoRA's B matrices start at zero, so the wrapped model equals the base model.
+    t0 = time.time()
+    untuned_path = _untuned_cache(ctx, dm)
+    eval_trainer = build_trainer(cfg, fit=False, logger=logger)
+    if untuned_path.is_file():
+        untuned = read_json(untuned_path)
+    else:
+        module.tag = "untuned"
+        untuned = _evaluate(eval_trainer, module, dm)
+        if eval_trainer.is_global_zero:
+            write_json(untuned_path, untuned)
+    seconds["untuned_eval"] = time.time() - t0
+
+    t0 = time.time()
+    ckpt_dir = _prepare_ckpt_dir(ctx)
+    last = ckpt_dir / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
+    fit_trainer = build_trainer(cfg, fit=True, logger=logger, callbacks=[checkpoint])
+    module.tag = "tuned"
+    fit_trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    seconds["train"] = time.time() - t0
+
+    t0 = time.time()
+    tuned = _evaluate(build_trainer(cfg, fit=False, logger=logger), module, dm)
+    seconds["tuned_eval"] = time.time() - t0
+
+    # Every rank holds all scores (gathered), so every rank returns the same summary; only rank
+    # zero writes files.
+    zero = fit_trainer.is_global_zero
+    t0 = time.time()
+    if zero:
+        module.save_adapter(ctx.out_dir / "adapter")
+        module.save_merged(ctx.out_dir / "merged", tokenizer)
+    seconds["export"] = time.time() - t0
+    prepared = PreparedData.load(data_dir)
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for split in EVAL_SPLITS:
+        samples = dm.samples[split]
+        ids = np.array([s.sample_id for s in samples])
+        order = np.argsort(ids)
+        ids, labels = ids[order], np.array([s.label for s in samples])[order]
+        cols = {"tuned": _check_alignment(split, tuned[split], ids),
+                "untuned": _check_alignment(split, untuned[split], ids)}
+        for name in SCORERS:
+            cols[name] = score_simple(name, prepared, samples)[order]
+        if zero:
+            _write_scores(ctx.out_dir / f"scores_{split}.csv", ids, labels, cols)
+        metrics[split] = {name: summarize(labels, c, n_boot=int(cfg.eval.bootstrap),
+                                          seed=int(cfg.run.seed),
+                                          probabilities=name in PROB_SCORERS)
+                          for name, c in cols.items()}
+    seconds["total"] = sum(seconds.values())
+    summary = {
+        "metrics": metrics,
+        "train_samples": len(dm.samples["train"]),
+        "truncated": dm.truncations(),
+        "prompt_tokens": dm.lengths(),
+        "final_train_loss": _last_loss(fit_trainer),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "untuned_cached": bool(seconds["untuned_eval"] < 1.0),
+    }
+    if zero:
+        write_json(ctx.out_dir / "summary.json", summary)
+        print(f"\n[gcnee] llm stage: {summary['train_samples']} training samples, "
+              f"truncated prompts {summary['truncated']}, seconds {summary['seconds']}")
+        print(format_table(metrics))
+    return summary
+
+
+def _last_loss(trainer: L.Trainer) -> float | None:
+    value = trainer.callback_metrics.get("train/loss")
+    return None if value is None else round(float(value), 4)

@@ -1,0 +1,99 @@
+"""ExitHeadsModule: per-head learning rates, frozen backbone, heads learn a toy task."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from tiny import make_tiny_llama, make_tiny_tokenizer
+from torch.utils.data import DataLoader
+
+from gcnee.exits import ExitHeads
+from gcnee.exits.module import ExitHeadsModule, head_learning_rates
+
+
+def toy_batches(tok, n=48, batch_size=8, seed=0):
+    """Random prompts ending in "good" (label 1) or "bad" (label 0), left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    good, bad = tok.convert_tokens_to_ids(["good", "bad"])
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        ids = torch.randint(7, 60, (length,), generator=g).tolist()
+        label = i % 2
+        rows.append((ids + [good if label else bad], label))
+
+    def collate(items):
+        width = max(len(ids) for ids, _ in items)
+        input_ids = torch.zeros(len(items), width, dtype=torch.long)
+        am = torch.zeros_like(input_ids)
+        for r, (ids, _) in enumerate(items):
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            am[r, width - len(ids):] = 1
+        return {"input_ids": input_ids, "attention_mask": am,
+                "label": torch.tensor([lab for _, lab in items])}
+
+    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def make_module(head="answer", lr=1e-3, beta=0.1, lr_depth="head", layers=(1, 2, 4)):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), num_layers=4, seed=4)
+    heads = ExitHeads.from_model(model, list(layers), tok.convert_tokens_to_ids(["Yes", "No"]),
+                                 head=head, init="random")
+    return tok, model, ExitHeadsModule(model, heads, lr=lr, beta=beta, lr_depth=lr_depth)
+
+
+@pytest.mark.parametrize("depth", ["head", "layer"])
+def test_per_head_learning_rates_follow_formula(depth):
+    _, _, module = make_module(lr=0.01, beta=0.5, lr_depth=depth, layers=(1, 3, 4))
+    opt = module.configure_optimizers()
+    assert [g["name"] for g in opt.param_groups] == ["head_01", "head_03"]  # own head 4 frozen
+    d = [0, 1] if depth == "head" else [1, 3]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [0.01 * math.exp(-0.5 * x) for x in d])
+    for g, layer in zip(opt.param_groups, (1, 3)):
+        assert {id(p) for p in g["params"]} == {id(p) for p in
+                                               module.heads.head_parameters(layer)}
+    assert head_learning_rates([5, 10], 1.0, 0.1) == pytest.approx({5: 1.0,
+                                                                    10: math.exp(-0.1)})
+    with pytest.raises(ValueError, match="exits.lr_depth"):
+        head_learning_rates([5], 1.0, 0.1, depth="block")
+
+
+@pytest.mark.parametrize("head", ["answer", "full"])
+def test_training_moves_heads_only_and_losses_fall(head):
+    tok, model, module = make_module(head=head, lr=0.05)
+    data = toy_batches(tok)
+    before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    before_own = [p.clone() for p in module.heads.head_parameters(4)]
+    with torch.no_grad():
+        full = next(iter(toy_batches(tok, batch_size=48)))
+        loss0 = {k: v.item() for k, v in module.head_losses(full).items()}
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(module, data, data)
+    assert not model.training  # Lightning put the module in train mode; the backbone stayed eval
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_backbone[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(before_own, module.heads.head_parameters(4)))
+    with torch.no_grad():
+        loss1 = {k: v.item() for k, v in module.head_losses(full).items()}
+    assert set(loss0) == {1, 2}
+    for layer in loss0:
+        assert loss1[layer] < 0.5 * loss0[layer], (layer, loss0, loss1)
+    m = trainer.callback_metrics
+    for key in ("train/loss/head_01_epoch", "train/lr/head_02", "val/auc/head_01",
+                "val/auc/head_04", "val/loss/head_02"):
+        assert key in m, sorted(m)
+    assert m["val/auc/head_01"] > 0.9
+    assert float(m["train/lr/head_02"]) == pytest.approx(0.05 * math.exp(-0.1))
+
+
+def test_checkpoint_holds_heads_only():
+    _, _, module = make_module()
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and not any(k.startswith("backbone.") for k in ckpt["state_dict"])
+    assert any(k.startswith("heads.projs.1") for k in ckpt["state_dict"])

@@ -1,0 +1,202 @@
+"""EarlyExitScorer on a tiny random Llama: exactness, exits, compaction, request batching."""
+
+import math
+
+import pytest
+import torch
+from tiny import make_tiny_llama, make_tiny_tokenizer
+
+from gcnee.exits import EarlyExitScorer, ExitHeads, make_rule, replay
+
+LENGTHS = [5, 11, 3, 8, 11, 7, 2, 9]
+
+
+def left_pad(seqs, pad=0):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.as_tensor(s)
+        am[r, width - len(s):] = 1
+    return ids, am
+
+
+def build(attn="sdpa", layers=(1, 2, 3, 4), head="answer", init="random", spread=40.0):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), num_layers=4, seed=1)
+    model.config._attn_implementation = attn
+    ans = tok.convert_tokens_to_ids(["Yes", "No"])
+    torch.manual_seed(2)
+    heads = ExitHeads.from_model(model, list(layers), ans, head=head, init=init)
+    with torch.no_grad():  # spread the random heads' P(yes) so that rules split the rows
+        for layer in heads.trainable_layers:
+            heads.projs[str(layer)].weight.mul_(spread)
+    return model, heads, ans, EarlyExitScorer(model, heads)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(7, 89, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def sdpa():
+    return build("sdpa")
+
+
+def hf_final_prob(model, ids, am, ans, positions=True):
+    kw = {"position_ids": (am.cumsum(-1) - 1).clamp(min=0)} if positions else {}
+    with torch.no_grad():
+        logits = model(ids, attention_mask=am, **kw).logits[:, -1, list(ans)]
+    return torch.softmax(logits, -1)[:, 0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_exit_equals_full_hf_forward(attn, requests):
+    model, heads, ans, scorer = build(attn)
+    ids, am = left_pad(requests)
+    ref = hf_final_prob(model, ids, am, ans)
+    ref_plain = hf_final_prob(model, ids, am, ans, positions=False)  # positions 0..T-1
+    for res in [scorer.score(ids, am, rule="none"),
+                scorer.score(ids, am, rule="window", tau=0.0, m=2),  # never fires
+                scorer.score(ids, am, rule="confidence", tau=1.01),
+                scorer.full_depth(ids, am)]:
+        torch.testing.assert_close(res.scores, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.scores, ref_plain, atol=1e-5, rtol=0)
+        assert res.exit_layers.tolist() == [4] * len(requests)
+    assert scorer.full_depth(ids, am).exit_heads.tolist() == [-1] * len(requests)
+
+
+def test_all_head_probs_match_hf_hidden_states(sdpa, requests):
+    model, heads, ans, scorer = sdpa
+    ids, am = left_pad(requests)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hs = model(ids, attention_mask=am, position_ids=pos, output_hidden_states=True)
+        want = [heads.prob_yes(layer, hs.hidden_states[layer][:, -1]) for layer in (1, 2, 3)]
+    got = scorer.all_head_probs(ids, am)
+    assert got.shape == (len(requests), 4)
+    torch.testing.assert_close(got[:, :3], torch.stack(want, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, 3], hf_final_prob(model, ids, am, ans), atol=1e-5, rtol=0)
+    assert got[:, :3].std() > 0.1  # the heads disagree: the exit tests below mean something
+
+
+@pytest.mark.parametrize("rule,kw,layer", [
+    ("window", dict(tau=math.inf, m=1), 3), ("window", dict(tau=math.inf, m=3), 3),
+    ("window", dict(tau=math.inf, m=2, min_prev=2), 4), ("confidence", dict(tau=0.0), 1),
+    ("patience", dict(m=1), 1),
+])
+def test_always_firing_rule_exits_at_first_eligible_layer(sdpa, requests, rule, kw, layer):
+    _, _, _, scorer = sdpa
+    ids, am = left_pad(requests)
+    res = scorer.score(ids, am, rule=rule, **kw)
+    assert res.exit_layers.tolist() == [layer] * len(requests)
+    probs = scorer.all_head_probs(ids, am)
+    torch.testing.assert_close(res.scores, probs[:, res.exit_heads[0]], atol=1e-5, rtol=0)
+    assert res.row_layers == layer * len(requests)
+
+
+def mixed_rule(scorer, ids, am):
+    """A confidence threshold halfway between two head-0 confidences: rows split."""
+    p0 = scorer.all_head_probs(ids, am)[:, 0]
+    conf = torch.maximum(p0, 1 - p0).sort().values
+    return make_rule("confidence", tau=float(conf[len(conf) // 2 - 1:len(conf) // 2 + 1].mean()))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_leaving_at_different_layers_score_as_alone(attn, requests):
+    _, _, _, scorer = build(attn)
+    ids, am = left_pad(requests)
+    for rule in [mixed_rule(scorer, ids, am), make_rule("window", tau=0.08, m=1),
+                 make_rule("patience", m=2)]:
+        res = scorer.score(ids, am, rule=rule)
+        assert len(set(res.exit_layers.tolist())) >= 2, rule.label()
+        for r, req in enumerate(requests):
+            alone = scorer.score(torch.tensor([req]), rule=rule)
+            assert alone.exit_layers.item() == res.exit_layers[r].item()
+            assert abs(alone.scores.item() - res.scores[r].item()) < 1e-5
+        # rows that left early cost fewer layers
+        assert res.row_layers == int(res.exit_layers.sum())
+
+
+def test_online_equals_offline_replay(sdpa, requests):
+    _, _, _, scorer = sdpa
+    ids, am = left_pad(requests)
+    probs = scorer.all_head_probs(ids, am)
+    rules = [make_rule("window", tau=t, m=m) for t in (0.02, 0.08, 0.2) for m in (1, 2, 3)]
+    rules += [mixed_rule(scorer, ids, am), make_rule("patience", m=2),
+              make_rule("patience", m=3)]
+    n_early = 0
+    for rule in rules:
+        res = scorer.score(ids, am, rule=rule)
+        assert torch.equal(res.exit_heads, replay(probs, rule)), rule.label()
+        assert torch.equal(res.exit_heads, replay(res.head_probs, rule)), rule.label()
+        torch.testing.assert_close(res.scores, probs.gather(1, res.exit_heads[:, None])[:, 0],
+                                   atol=1e-5, rtol=0)
+        n_early += int((res.exit_layers < 4).sum())
+    assert n_early > 0
+
+
+def test_no_compaction_gives_same_results(sdpa, requests):
+    _, _, _, scorer = sdpa
+    ids, am = left_pad(requests)
+    for rule in [mixed_rule(scorer, ids, am), make_rule("window", tau=0.08, m=1)]:
+        a = scorer.score(ids, am, rule=rule, compact=True)
+        b = scorer.score(ids, am, rule=rule, compact=False)
+        assert torch.equal(a.exit_layers, b.exit_layers)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+        assert b.row_layers == len(requests) * int(a.exit_layers.max())
+        assert a.row_layers < b.row_layers
+        assert a.token_layers < b.token_layers
+
+
+def test_score_requests_restores_order(sdpa, requests):
+    model, _, ans, scorer = sdpa
+    rule = make_rule("window", tau=0.08, m=1)
+    ids, am = left_pad(requests)
+    whole = scorer.score(ids, am, rule=rule)
+    for bs in (1, 3, 8):
+        res = scorer.score_requests(requests, batch_size=bs, rule=rule)
+        assert torch.equal(res.exit_layers, whole.exit_layers)
+        torch.testing.assert_close(res.scores, whole.scores, atol=1e-5, rtol=0)
+    full = scorer.score_requests(requests, batch_size=3, mode="full")
+    torch.testing.assert_close(full.scores, hf_final_prob(model, ids, am, ans), atol=1e-5,
+                               rtol=0)
+    allp = scorer.score_requests(requests, batch_size=3, mode="all")
+    torch.testing.assert_close(allp.head_probs, scorer.all_head_probs(ids, am), atol=1e-5,
+                               rtol=0)
+
+
+def test_last_exit_below_model_depth_stops_there(requests):
+    model, heads, ans, scorer = build(layers=(1, 3))
+    ids, am = left_pad(requests)
+    res = scorer.score(ids, am, rule="none")
+    assert res.exit_layers.tolist() == [3] * len(requests)
+    assert res.row_layers == 3 * len(requests)  # layer 4 is never run
+    torch.testing.assert_close(res.scores, scorer.all_head_probs(ids, am)[:, 1])
+    full = scorer.full_depth(ids, am)  # the reference still runs the whole model
+    torch.testing.assert_close(full.scores, hf_final_prob(model, ids, am, ans), atol=1e-5,
+                               rtol=0)
+
+
+def test_full_and_answer_copy_heads_agree(requests):
+    ids, am = left_pad(requests)
+    a = build(head="answer", init="copy", spread=1.0)[3].all_head_probs(ids, am)
+    f = build(head="full", init="copy", spread=1.0)[3].all_head_probs(ids, am)
+    torch.testing.assert_close(a, f, atol=1e-6, rtol=0)
+
+
+def test_errors_and_modes_restored(sdpa, requests):
+    model, _, _, scorer = sdpa
+    ids, am = left_pad(requests)
+    with pytest.raises(ValueError, match="left-padded"):
+        scorer.score(ids.flip(1), am.flip(1), rule="none")
+    with pytest.raises(ValueError, match="eval.rule"):
+        scorer.score(ids, am, rule="entropy", tau=0.1)
+    with pytest.raises(ValueError, match="empty"):
+        scorer.score_requests([[5, 6], []], batch_size=2, rule="none")
+    model.train()
+    scorer.score(ids, am, rule="none")
+    assert model.training
+    model.eval()

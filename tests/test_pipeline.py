@@ -1,0 +1,38 @@
+"""End to end on the tiny config: data -> retriever -> llm -> exits through the CLI."""
+
+import json
+
+import pytest
+
+from gcnee.cli import main
+from tiny import make_tiny_llama, make_tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), num_layers=4)
+    path = tmp_path / "tiny-model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
+    args = ["fit", "--config", "configs/tiny.yaml", f"run.checkpoints_dir={tmp_path}/ck",
+            f"run.logs_dir={tmp_path}/logs", f"llm.model={tiny_model_dir}"]
+    assert main(args) == 0
+    run = tmp_path / "ck" / "tiny"
+    for stage in ("data", "retriever", "llm", "exits"):
+        assert (run / stage / "_SUCCESS.json").is_file(), stage
+        assert (run / stage / "config.yaml").is_file(), stage
+    sweep = json.loads((run / "exits" / "sweep.json").read_text())
+    assert sweep["rows"][0]["row"] == "full depth"
+    assert len(sweep["rows"]) == 1 + 3 + 2
+    assert (run / "exits" / "sweep_threshold.png").is_file()
+    events = list((tmp_path / "logs" / "tiny" / "exits").glob("events.out.tfevents*"))
+    assert events, "TensorBoard log of the exit stage"
+    # Rerun: every stage is up to date and skipped.
+    marker = (run / "llm" / "_SUCCESS.json").stat().st_mtime
+    assert main(args) == 0
+    assert (run / "llm" / "_SUCCESS.json").stat().st_mtime == marker
