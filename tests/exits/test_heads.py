@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from tiny import make_tiny_llama, make_tiny_tokenizer
 
 from gcnee.exits import ExitHeads, validate_exit_layers
+
+from tiny import make_tiny_llama, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

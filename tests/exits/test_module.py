@@ -5,14 +5,15 @@ import math
 import lightning as L
 import pytest
 import torch
-from tiny import make_tiny_llama, make_tiny_tokenizer
 from torch.utils.data import DataLoader
 
 from gcnee.exits import ExitHeads
 from gcnee.exits.module import ExitHeadsModule, head_learning_rates
 
+from tiny import make_tiny_llama, make_tiny_tokenizer
 
-def toy_batches(tok, n=48, batch_size=8, seed=0):
+
+def toy_batches(tok, n=32, batch_size=8, seed=0):
     """Random prompts ending in "good" (label 1) or "bad" (label 0), left-padded."""
     g = torch.Generator().manual_seed(seed)
     good, bad = tok.convert_tokens_to_ids(["good", "bad"])
@@ -68,11 +69,12 @@ def test_training_moves_heads_only_and_losses_fall(head):
     before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
     before_own = [p.clone() for p in module.heads.head_parameters(4)]
     with torch.no_grad():
-        full = next(iter(toy_batches(tok, batch_size=48)))
+        full = next(iter(toy_batches(tok, batch_size=32)))
         loss0 = {k: v.item() for k, v in module.head_losses(full).items()}
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
+                        enable_model_summary=False, log_every_n_steps=1,
+                        num_sanity_val_steps=0, check_val_every_n_epoch=3)
     trainer.fit(module, data, data)
     assert not model.training  # Lightning put the module in train mode; the backbone stayed eval
     for k, v in model.state_dict().items():

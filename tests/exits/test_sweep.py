@@ -9,6 +9,7 @@ from gcnee.exits.rules import make_rule, replay
 from gcnee.exits.scorer import EarlyExitScorer
 from gcnee.exits.sweep import run_sweep, sweep_rules, write_sweep
 from gcnee.metrics import auc
+
 from tiny import make_tiny_llama
 
 

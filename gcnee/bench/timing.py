@@ -1,0 +1,56 @@
+"""Timing on shared, noisy machines: interleaved repeats and medians of paired ratios.
+
+Variants are run in turn (A, B, C, A, B, C, ...) rather than one after the other, so a burst of
+load from another process hits every variant about equally; a speedup is the median over
+repeats of the ratio *within* a repeat, which cancels slow drifts of the machine's speed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``, synchronising CUDA around the call."""
+    _sync()
+    start = time.perf_counter()
+    out = fn()
+    _sync()
+    return out, time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], repeats: int
+                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run every variant ``repeats`` times, interleaved; ``({name: [seconds]}, {name: last
+    result})``."""
+    if repeats < 1:
+        raise ValueError(f"bench.repeats must be >= 1, got {repeats}")
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            results[name], s = timed(fn)
+            seconds[name].append(s)
+    return seconds, results
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over repeats of ``numerator[i] / denominator[i]`` (paired by repeat)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired timings need the same, non-zero number of repeats")
+    return float(statistics.median(a / b for a, b in zip(numerator, denominator)))
+
+
+def rate(n: int, seconds: Sequence[float]) -> float:
+    """Items per second from the median of ``seconds``."""
+    return n / float(statistics.median(seconds))

@@ -1,0 +1,119 @@
+"""Training-throughput benchmark: samples/s of the LoRA step and of the exit-head step.
+
+Each stage's own LightningModule (``CTRLLMModule``, ``ExitHeadsModule``) runs in a
+``lightning.Trainer`` for ``bench.train_warmup + bench.train_steps`` optimizer steps on real,
+shuffled training batches of the config (``llm.batch_size`` / ``exits.batch_size``); a callback
+times every step from batch start to the end of the optimizer step (forward, backward, AdamW).
+No checkpoint, log or model is written: it only watches for regressions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class StepTimer(L.Callback):
+    """Seconds and batch shape of every training step (batch start -> after optimizer step)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.shapes: list[tuple[int, int]] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        self.shapes.append(tuple(batch["input_ids"].shape))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def step_stats(seconds: list[float], shapes: list[tuple[int, int]], warmup: int
+               ) -> dict[str, Any]:
+    """Median seconds per step and samples/s over the steps after ``warmup``."""
+    sec, shp = seconds[warmup:], shapes[warmup: len(seconds)]
+    if not sec:
+        raise ValueError(f"no timed step after {warmup} warm-up step(s): the training split has "
+                         f"too few batches (bench.train_steps / bench.train_warmup)")
+    return {"timed_steps": len(sec), "seconds_per_step": float(statistics.median(sec)),
+            "samples_per_second": float(statistics.median(b / s for (b, _), s in zip(shp, sec))),
+            "mean_tokens": float(statistics.mean(t for _, t in shp)),
+            "seconds": [round(s, 4) for s in sec]}
+
+
+def time_training_steps(module: L.LightningModule, datamodule: L.LightningDataModule,
+                        trainer_cfg: Any, steps: int, warmup: int = 1) -> dict[str, Any]:
+    """Run ``warmup + steps`` optimizer steps of ``module`` (single process) and time them."""
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator=trainer_cfg.accelerator, devices=1, precision=trainer_cfg.precision,
+            max_steps=int(warmup) + int(steps), max_epochs=-1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+            use_distributed_sampler=False, default_root_dir=tmp)
+        trainer.fit(module, datamodule=datamodule)
+    return step_stats(timer.seconds, timer.shapes, int(warmup))
+
+
+def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """LoRA step (base model + fresh adapters, ``llm.*``) and exit-head step (merged model +
+    fresh heads, ``exits.*``) of a run; JSON to ``.../bench/train.json``."""
+    from gcnee.bench.early_exit import bench_dir
+    from gcnee.bench.inputs import load_datamodule, require, stage_dir
+    from gcnee.bench.report import load_average, machine_info
+    from gcnee.exits.heads import ExitHeads
+    from gcnee.exits.module import ExitHeadsModule
+    from gcnee.exits.stage import load_tuned
+    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
+    from gcnee.llm.module import CTRLLMModule
+    from gcnee.stages import write_json
+
+    out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
+    steps, warmup = int(cfg.bench.train_steps), int(cfg.bench.train_warmup)
+    result: dict[str, Any] = {"machine": machine_info(), "run": str(cfg.run.name),
+                              "steps": steps, "warmup": warmup, "stages": []}
+    L.seed_everything(int(cfg.run.seed), verbose=False)
+
+    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir)
+    if cfg.llm.quantization is not None:
+        model = prepare_for_kbit(model)
+    yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
+                                     cfg.llm.use_chat_template)
+    dm = load_datamodule(cfg, tokenizer)
+    lora = CTRLLMModule(model, yes_id, no_id, cfg.llm)
+    stats = time_training_steps(lora, dm, cfg.trainer, steps, warmup)
+    result["stages"].append({"stage": "llm (LoRA)", "batch_size": int(cfg.llm.batch_size),
+                             "lora": {"r": int(cfg.llm.lora.r),
+                                      "target_modules": list(cfg.llm.lora.target_modules)},
+                             **stats})
+    del lora, model
+
+    llm_dir = stage_dir(cfg, "llm", "data,retriever,llm")
+    require(llm_dir / "merged" / "config.json", "the llm stage's merged tuned model",
+            "data,retriever,llm")
+    merged, mtok = load_tuned(llm_dir)
+    heads = ExitHeads.from_model(merged, list(cfg.exits.layers), (yes_id, no_id),
+                                 head=cfg.exits.head, init=cfg.exits.init)
+    dm = load_datamodule(cfg, mtok, batch_size=int(cfg.exits.batch_size))
+    module = ExitHeadsModule(merged, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
+                             lr_depth=cfg.exits.lr_depth)
+    stats = time_training_steps(module, dm, cfg.trainer, steps, warmup)
+    result["stages"].append({"stage": "exits (heads)", "batch_size": int(cfg.exits.batch_size),
+                             "layers": list(cfg.exits.layers), "head": cfg.exits.head, **stats})
+    result["load_average_end"] = load_average()
+    write_json(out / "train.json", result)
+    return result

@@ -1,0 +1,144 @@
+"""Every bench end to end on a tiny run (structure only; timings are never asserted)."""
+
+import json
+
+import pytest
+import torch
+
+import gcnee.pipeline  # noqa: F401  (registers the stages)
+from gcnee.bench.early_exit import bench_early_exit
+from gcnee.bench.inputs import run_dir
+from gcnee.bench.run import bench_all
+from gcnee.cli import main
+from gcnee.config import flat, load_config
+from gcnee.exits.heads import ExitHeads
+from gcnee.exits.rules import make_rule
+from gcnee.exits.scorer import EarlyExitScorer
+from gcnee.exits.stage import save_heads
+from gcnee.llm.backbone import answer_token_ids
+from gcnee.stages import MARKER, STAGES, StageError, fingerprint, run_pipeline, write_json
+
+from tiny import make_tiny_llama, make_tiny_tokenizer
+
+BENCH = ["bench.batch_sizes=[1,4]", "bench.requests=5", "bench.repeats=1",
+         "bench.taus=[0.1,1.0]", "bench.train_steps=1", "bench.train_warmup=1",
+         "bench.scoring_batch_size=4", "retriever.max_users_llm=4"]
+
+
+def _marker(cfg, stage):
+    write_json(run_dir(cfg) / stage / MARKER,
+               {"stage": stage, "fingerprint": fingerprint(cfg, stage),
+                "config": flat(cfg, STAGES[stage].config_keys), "summary": {}})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run with the outputs the benches read: data and retriever stages run for real,
+    the tuned model (a random tiny Llama) and exit heads written as the llm/exits stages do."""
+    tmp = tmp_path_factory.mktemp("bench")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok), num_layers=4)
+    model.save_pretrained(tmp / "tiny-model")
+    tok.save_pretrained(tmp / "tiny-model")
+    cfg = load_config("configs/tiny.yaml", [
+        f"run.checkpoints_dir={tmp}/ck", f"run.logs_dir={tmp}/logs",
+        f"llm.model={tmp}/tiny-model", *BENCH])
+    run_pipeline(cfg, ["data", "retriever"])
+    llm_dir = run_dir(cfg) / "llm"
+    model.save_pretrained(llm_dir / "merged")
+    tok.save_pretrained(llm_dir / "merged")
+    _marker(cfg, "llm")
+    ans = answer_token_ids(tok, ["Yes", "No"], True)
+    torch.manual_seed(0)
+    heads = ExitHeads.from_model(model, [1, 2, 3, 4], ans, head="answer", init="random")
+    save_heads(run_dir(cfg) / "exits" / "heads.pt", heads, cfg)
+    return cfg, model, heads
+
+
+def test_bench_all_writes_every_result(tiny_run):
+    cfg, _, _ = tiny_run
+    res = bench_all(cfg, command="gcnee bench all --config configs/tiny.yaml")
+    out = run_dir(cfg).parent.parent / "logs" / "tiny" / "bench"
+    for name in ("exit", "scoring", "retrieval", "train", "all"):
+        assert (out / f"{name}.json").is_file(), name
+    saved = json.loads((out / "all.json").read_text())
+    assert set(saved) >= {"machine", "exit", "scoring", "retrieval", "train", "seconds"}
+    assert saved["machine"]["load_average"] is not None
+
+    ex = res["exit"]
+    assert ex["n_requests"] == 5 and ex["num_layers"] == 4 and ex["exit_layers"] == [1, 2, 3, 4]
+    # batch 1: full + 2 rules; batch 4: full + 2 rules x (compact, no compaction)
+    assert [(r["batch_size"], r["compact"]) for r in ex["rows"]] == [
+        (1, True)] * 3 + [(4, True), (4, True), (4, False), (4, True), (4, False)]
+    for r in ex["rows"]:
+        assert r["rps"] > 0 and len(r["seconds"]) == 1
+        assert r["achieved_fraction"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+        if r["variant"] == "full depth":
+            assert r["mean_exit_layer"] == 4 and r["ideal_speedup"] == pytest.approx(1.0)
+        if r["tau"] == 1.0:  # fires at the first eligible head (the third: layer 3)
+            c = ex["head_cost_layers"]
+            assert r["mean_exit_layer"] == 3
+            assert r["ideal_speedup"] == pytest.approx((4 + c) / (3 + 3 * c))
+        if not r["compact"]:  # same exits, every row computed to the slowest one's layer
+            assert r["exit_layers_equal_compact"] and r["max_abs_diff_vs_compact"] < 1e-5
+            assert r["computed_layers_per_row"] >= r["mean_exit_layer"]
+
+    sc = res["scoring"]
+    assert [p["path"] for p in sc["paths"]][-1] == sc["baseline"]
+    assert sc["n_requests"] == 5 and sc["batch_size"] == 4
+    assert all(p["max_abs_diff"] < 1e-4 and p["rps"] > 0 for p in sc["paths"])
+
+    tr = res["train"]
+    assert [s["stage"] for s in tr["stages"]] == ["llm (LoRA)", "exits (heads)"]
+    assert all(s["timed_steps"] == 1 and s["samples_per_second"] > 0 for s in tr["stages"])
+    assert res["retrieval"]["subset_users"] == 4
+
+    md = (out / "bench.md").read_text()
+    for title in ("## Early exit", "## Scoring", "## Retrieval", "## Training throughput"):
+        assert title in md
+    assert "Command: `gcnee bench all --config configs/tiny.yaml`" in md
+
+
+def test_compaction_computes_fewer_layers_than_waiting(tiny_run):
+    _, model, heads = tiny_run
+    scorer = EarlyExitScorer(model, heads)
+    g = torch.Generator().manual_seed(0)
+    reqs = [torch.randint(7, 60, (int(n),), generator=g).tolist() for n in (5, 9, 3, 12)]
+    with torch.no_grad():  # spread the heads so that the rows exit at different layers
+        for layer in heads.trainable_layers:
+            heads.projs[str(layer)].weight.mul_(40.0)
+    try:
+        rule = make_rule("confidence", tau=0.9)
+        res = bench_early_exit(scorer, reqs, [4], [rule], repeats=1)
+    finally:
+        with torch.no_grad():
+            for layer in heads.trainable_layers:
+                heads.projs[str(layer)].weight.div_(40.0)
+    by = {r["variant"]: r for r in res["rows"]}
+    comp, wait = by["exit confidence(tau=0.9)"], by["exit confidence(tau=0.9) no compaction"]
+    assert comp["ideal_speedup"] == wait["ideal_speedup"]
+    assert comp["computed_layers_per_row"] == pytest.approx(comp["mean_exit_layer"])
+    assert wait["computed_layers_per_row"] >= comp["computed_layers_per_row"]
+
+
+def test_missing_outputs_name_the_stages_to_run(tiny_run, tmp_path, capsys):
+    from gcnee.bench.inputs import load_tuned_with_heads
+
+    cfg, _, _ = tiny_run
+    heads = run_dir(cfg) / "exits" / "heads.pt"
+    aside = heads.with_name("heads.pt.aside")
+    heads.rename(aside)
+    try:
+        with pytest.raises(StageError, match=r"heads\.pt not found.*--stages exits`"):
+            load_tuned_with_heads(cfg)
+    finally:
+        aside.rename(heads)
+    other = cfg.copy()
+    other.run.name = "nothing-here"
+    with pytest.raises(StageError, match=r"llm/_SUCCESS\.json.*--stages data,retriever,llm`"):
+        load_tuned_with_heads(other)
+    # through the CLI: exit status 1 and the message on stderr
+    rc = main(["bench", "exit", "--config", "configs/tiny.yaml",
+               f"run.checkpoints_dir={tmp_path}/none", f"run.logs_dir={tmp_path}/logs"])
+    assert rc == 1
+    assert "--stages data,retriever,llm" in capsys.readouterr().err
