@@ -7,6 +7,8 @@
     gcnee bench {exit,scoring,train,all} --config FILE [key=value ...]
     gcnee bench retrieval --config FILE [key=value ...]
     gcnee bench scale [--config FILE] [key=value ...]
+    gcnee report RUN | gcnee report --config FILE [key=value ...]
+    gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
     bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
+
+    rep = sub.add_parser("report", help="print a run's report (RUN: logs/<run> folder or run "
+                         "name), or rebuild it from the stage folders (--config)")
+    rep.add_argument("--config", "-c", default=None, help="rebuild logs/<run>/report.md")
+    rep.add_argument("args", nargs="*", help="RUN, or with --config: overrides key=value")
+    rep.add_argument("--logs-dir", default="logs", help="where RUN is looked up (run.logs_dir)")
+    pred = sub.add_parser("predict", help="score JSON-lines (user, item) requests with a run")
+    _add_config_args(pred)
+    pred.add_argument("--input", "-i", required=True, help="requests, one JSON object a line")
+    pred.add_argument("--output", "-o", required=True, help="scores, one JSON object a line")
+    pred.add_argument("--full-depth", action="store_true", help="no early exit (all layers)")
     return parser
 
 
@@ -92,7 +105,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command != "data":
         import gcnee.pipeline  # noqa: F401  (registers the stages)
     if args.command == "fit":
+        from gcnee.report.ablations import check_ablations
+
         cfg = load_config(args.config, args.overrides)
+        check_ablations(cfg)  # fail now, not after hours of training
         run_pipeline(cfg, _split(args.stages) or None, force=args.force)
         return 0
     if args.command == "data" and args.action == "prepare":
@@ -132,7 +148,29 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         bench_scale(load_config(args.config, args.overrides))
         return 0
+    if args.command == "report":
+        return _report(args)
+    if args.command == "predict":
+        from gcnee.predict import predict_file
+
+        cfg = load_config(args.config, args.overrides)
+        predict_file(cfg, args.input, args.output, full_depth=args.full_depth)
+        return 0
     raise AssertionError(f"unhandled command {args}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gcnee.report.stage import build_report, find_report, write_report
+
+    if args.config is None:
+        if len(args.args) != 1:
+            raise ConfigError("gcnee report: give one RUN (logs/<run> or a run name), or "
+                              "--config FILE [key=value ...]")
+        print(find_report(args.args[0], args.logs_dir).read_text(), end="")
+        return 0
+    cfg = load_config(args.config, args.args)
+    print(write_report(cfg, build_report(cfg, execute=False)).read_text(), end="")
+    return 0
 
 
 if __name__ == "__main__":

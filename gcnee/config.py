@@ -186,12 +186,15 @@ class EvalConfig:
     # third exit head is the earliest exit; >= m waits for a full window). gcnee/exits/rules.py
     window_min_prev: int = 1
     bootstrap: int = 1000  # resamples for AUC confidence intervals
+    # Sibling runs the report compares (gcnee/report/ablations.py): retrieval | layers | k |
+    # llm_retriever; [] = none (each is a further llm (+exits) run).
     ablations: list[str] = field(default_factory=list)
+    ablation_ks: list[int] = field(default_factory=lambda: [1, 2, 8])  # `k`: retriever.k values
 
 
 @dataclass
 class BaselinesConfig:
-    """Traditional CTR baselines of the paper's Table 2 (gcnee/baselines), trained on all of train."""
+    """Traditional CTR baselines of the paper's Table 2 (gcnee/baselines), on all of train."""
 
     models: list[str] = field(default_factory=list)  # deepfm | din | gru4rec | sim; [] = stage off
     embedding_dim: int = 16
@@ -225,7 +228,8 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # early-exit bench
     requests: int = 32  # test prompts timed per variant (the first n of the test subset)
     repeats: int = 3  # interleaved repeats per variant; medians are reported
-    taus: list[float] | None = field(default_factory=lambda: [0.02, 0.1])  # null: eval.thresholds
+    # τ values of eval.rule (at m = eval.window) timed against full depth; null: eval.thresholds
+    taus: list[float] | None = field(default_factory=lambda: [0.02, 0.1])
     scoring_batch_size: int | None = None  # scoring bench; null = eval.batch_size
     train_steps: int = 3  # timed optimizer steps per training bench (after train_warmup)
     train_warmup: int = 1

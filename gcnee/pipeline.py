@@ -12,6 +12,7 @@ STAGE_MODULES = [
     "gcnee.retrieval.stage",  # LightGCN (or llm/random/none) -> similar users
     "gcnee.llm.stage",  # LoRA-tuned CTR LLM
     "gcnee.exits.stage",  # exit heads + threshold sweep
+    "gcnee.report.stage",  # logs/<run>/report.md: every stage, Table 2, ablations (last)
 ]
 
 for _module in STAGE_MODULES:

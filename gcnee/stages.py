@@ -40,6 +40,7 @@ class Stage:
     config_keys: list[str]  # dotted config paths whose values change this stage's output
     requires: list[str]  # upstream stages whose outputs it reads
     help: str = ""
+    always: bool = False  # rerun on every pipeline run (the report: it reads every stage)
 
 
 STAGES: dict[str, Stage] = {}
@@ -47,7 +48,8 @@ ORDER: list[str] = []  # registration order = pipeline order
 
 
 def register(
-    name: str, *, config_keys: list[str], requires: list[str] = (), help: str = ""
+    name: str, *, config_keys: list[str], requires: list[str] = (), help: str = "",
+    always: bool = False,
 ) -> Callable[[Callable[[StageContext], dict[str, Any]]], Callable[[StageContext], dict[str, Any]]]:
     """Decorator: ``@register("data", config_keys=["data", "run.seed"])``."""
 
@@ -55,7 +57,7 @@ def register(
         for req in requires:
             if req not in STAGES:
                 raise ValueError(f"stage {name!r} requires unregistered stage {req!r}")
-        STAGES[name] = Stage(name, fn, list(config_keys), list(requires), help)
+        STAGES[name] = Stage(name, fn, list(config_keys), list(requires), help, always)
         if name not in ORDER:
             ORDER.append(name)
         return fn
@@ -144,6 +146,8 @@ def run_stage(cfg: DictConfig, name: str, force: bool = False) -> dict[str, Any]
     st = STAGES[name]
     ctx = StageContext(cfg, st, force)
     fresh, why = stage_status(cfg, name)
+    if st.always:
+        fresh, why = False, "always rerun"
     if fresh and not force:
         print(f"[gcnee] stage '{name}': up to date, skipped ({ctx.out_dir})")
         return read_json(ctx.out_dir / MARKER).get("summary", {})

@@ -94,7 +94,8 @@ def fit_baseline(model: nn.Module, train: dict[str, torch.Tensor], val: dict[str
 
     ``cfg`` is the ``baselines`` section (lr, weight_decay, epochs, batch sizes, patience),
     ``trainer_cfg`` the ``trainer`` section. Returns the module (best weights, on CPU) and
-    ``{"best_val_auc", "epochs", "train_seconds"}``.
+    ``{"best_val_auc", "best_epoch" (1-based; its weights are kept), "epochs" (run),
+    "train_seconds"}``.
     """
     ckpt_dir = Path(ckpt_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # a best.ckpt of an earlier config must not load
@@ -116,10 +117,13 @@ def fit_baseline(model: nn.Module, train: dict[str, torch.Tensor], val: dict[str
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - start
+    best_epoch = None
     if checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
+        best_epoch = int(state["epoch"]) + 1  # saved at the end of 0-based epoch e
     module.cpu()
     best = checkpoint.best_model_score
     return module, {"best_val_auc": None if best is None else float(best),
-                    "epochs": int(trainer.current_epoch), "train_seconds": round(seconds, 2)}
+                    "best_epoch": best_epoch, "epochs": int(trainer.current_epoch),
+                    "train_seconds": round(seconds, 3)}

@@ -108,7 +108,8 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
     ``scorer``: an :class:`EarlyExitScorer`. Returns ``{"rows": [...], ...}``; each row has
     ``batch_size``, ``variant``, ``rps``, ``seconds`` (per repeat), ``mean_exit_layer``,
     ``computed_layers_per_row``, ``ideal_speedup``, ``ideal_speedup_tokens``, ``speedup``
-    (median paired ratio to full depth) and ``achieved_fraction``.
+    (median paired wall-time ratio to full depth), ``achieved_fraction``, and the same two from
+    process CPU time (``speedup_cpu``, ``achieved_fraction_cpu``).
     """
     n = len(requests)
     mean_t = float(np.mean([len(r) for r in requests]))
@@ -135,7 +136,7 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
         scorer.score_requests(warm, bs, mode="full")
         for rule in rules:
             scorer.score_requests(warm, bs, rule=rule)
-        seconds, results = interleaved(variants, repeats)
+        seconds, cpu, results = interleaved(variants, repeats)
         full = results["full depth"]
         for name, res in results.items():
             rule, compact = meta[name]
@@ -143,6 +144,7 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
             evals = np.ones(n) if rule is None else res.exit_heads.numpy() + 1
             ideal = ideal_speedup(exit_layers, evals, num_layers, c)
             speedup = median_ratio(seconds["full depth"], seconds[name])
+            speedup_cpu = median_ratio(cpu["full depth"], cpu[name])
             row = {
                 "batch_size": bs, "variant": name, "rule": rule.label() if rule else "full",
                 "tau": rule.tau if rule is not None else None, "compact": compact,
@@ -153,6 +155,8 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
                 "ideal_speedup": ideal,
                 "ideal_speedup_tokens": full.token_layers / max(1, res.token_layers),
                 "speedup": speedup, "achieved_fraction": achieved_fraction(speedup, ideal),
+                "cpu_seconds": [round(s, 4) for s in cpu[name]], "speedup_cpu": speedup_cpu,
+                "achieved_fraction_cpu": achieved_fraction(speedup_cpu, ideal),
             }
             if not compact:  # the same exits and scores as with compaction, only slower
                 ref = results[name[: -len(" no compaction")]]

@@ -108,21 +108,25 @@ def format_exit(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         rows.append([r["batch_size"], r["variant"], fmt(r["rps"], 2), fmt(r["mean_exit_layer"], 1),
                      fmt(r["computed_layers_per_row"], 1), fmt(r["ideal_speedup"], 2, "×"),
-                     fmt(r["speedup"], 2, "×"), fmt(r["achieved_fraction"], 2)])
+                     fmt(r["speedup"], 2, "×"), fmt(r["achieved_fraction"], 2),
+                     fmt(r.get("speedup_cpu"), 2, "×"), fmt(r.get("achieved_fraction_cpu"), 2)])
     table = markdown_table(
         ["batch", "variant", "RPS", "mean exit layer", "layers computed / row", "ideal speedup",
-         "achieved speedup", "achieved / ideal"], rows, align="rlrrrrrr")
+         "achieved speedup", "achieved / ideal", "achieved (CPU time)", "achieved / ideal (CPU)"],
+        rows, align="rlrrrrrrrr")
     return (f"{table}\n\n{res['n_requests']} test prompts (mean {res['mean_prompt_tokens']:.0f} "
             f"tokens), {res['num_layers']} decoder layers, exit heads at {res['exit_layers']}, "
             f"rule {res['rule']}; medians of {res['repeats']} interleaved repeats. Head cost "
-            f"{res['head_cost_layers']:.2e} layer-equivalents per evaluation (FLOPs).")
+            f"{res['head_cost_layers']:.2e} layer-equivalents per evaluation (FLOPs). Speedups are "
+            f"medians of ratios paired by repeat, from wall time and from process CPU time.")
 
 
 def format_scoring(res: dict[str, Any]) -> str:
     rows = [[p["path"], fmt(p["rps"], 2), fmt(p["speedup_vs_generate"], 2, "×"),
-             f"{p['max_abs_diff']:.1e}"] for p in res["paths"]]
-    table = markdown_table(["scoring path", "RPS", "vs generate", "max |ΔP(yes)|"], rows,
-                           align="lrrr")
+             fmt(p.get("speedup_vs_generate_cpu"), 2, "×"), f"{p['max_abs_diff']:.1e}"]
+            for p in res["paths"]]
+    table = markdown_table(["scoring path", "RPS", "vs generate", "vs generate (CPU time)",
+                            "max |ΔP(yes)|"], rows, align="lrrrr")
     return (f"{table}\n\n{res['n_requests']} test prompts (mean {res['mean_prompt_tokens']:.0f} "
             f"tokens), batch size {res['batch_size']}, identical padded batches for every path; "
             f"medians of {res['repeats']} interleaved repeats.")

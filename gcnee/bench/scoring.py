@@ -91,8 +91,9 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
                         repeats: int = 3) -> dict[str, Any]:
     """Time every path (module docstring) on the same batches; scores compared to the baseline.
 
-    Returns ``{"paths": [{"path", "rps", "speedup_vs_generate", "max_abs_diff", "seconds"}],
-    ...}`` with the baseline last.
+    Returns ``{"paths": [{"path", "rps", "speedup_vs_generate", "speedup_vs_generate_cpu",
+    "max_abs_diff", "seconds"}], ...}`` with the baseline last (speedups: median paired ratios
+    of wall time and of process CPU time).
     """
     model.eval()
     batches = padded_batches(requests, batch_size, pad_id)
@@ -119,16 +120,18 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     for fn in fns.values():  # warm-up: one batch through every path
         fn(ids0.to(device), am0.to(device))
     paths = {name: run(fn) for name, fn in fns.items()}
-    seconds, results = interleaved(paths, repeats)
+    seconds, cpu, results = interleaved(paths, repeats)
     base = results[BASELINE]
     rows = [{"path": name, "rps": rate(n, seconds[name]),
              "speedup_vs_generate": median_ratio(seconds[BASELINE], seconds[name]),
+             "speedup_vs_generate_cpu": median_ratio(cpu[BASELINE], cpu[name]),
              "max_abs_diff": float((results[name] - base).abs().max()),
              "seconds": [round(s, 4) for s in seconds[name]]} for name in paths]
     return {"paths": rows, "n_requests": n, "batch_size": int(batch_size),
             "mean_prompt_tokens": float(np.mean([len(r) for r in requests])),
             "repeats": int(repeats), "baseline": BASELINE,
             "speedup": rows[0]["speedup_vs_generate"],
+            "speedup_cpu": rows[0]["speedup_vs_generate_cpu"],
             "max_abs_diff": max(r["max_abs_diff"] for r in rows)}
 
 

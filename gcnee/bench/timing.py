@@ -3,6 +3,10 @@
 Variants are run in turn (A, B, C, A, B, C, ...) rather than one after the other, so a burst of
 load from another process hits every variant about equally; a speedup is the median over
 repeats of the ratio *within* a repeat, which cancels slow drifts of the machine's speed.
+
+Process CPU time (all threads) is recorded beside wall time: when other processes compete for
+the cores, wall time includes waiting for a core and CPU time does not, so CPU-time ratios are
+the steadier of the two on a shared machine (spinning OpenMP threads still inflate both).
 """
 
 from __future__ import annotations
@@ -30,18 +34,21 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int
-                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Run every variant ``repeats`` times, interleaved; ``({name: [seconds]}, {name: last
-    result})``."""
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Any]]:
+    """Run every variant ``repeats`` times, interleaved; ``({name: [wall seconds]},
+    {name: [process CPU seconds]}, {name: last result})``."""
     if repeats < 1:
         raise ValueError(f"bench.repeats must be >= 1, got {repeats}")
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     results: dict[str, Any] = {}
     for _ in range(repeats):
         for name, fn in variants.items():
+            c0 = time.process_time()
             results[name], s = timed(fn)
-            seconds[name].append(s)
-    return seconds, results
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(s)
+    return wall, cpu, results
 
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

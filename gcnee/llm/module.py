@@ -141,6 +141,11 @@ class CTRLLMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns the backbone in eval mode and Lightning keeps submodule modes:
+        # train like peft does (LoRA dropout and any backbone dropout active).
+        self.train()
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:

@@ -93,7 +93,20 @@ def test_learns_planted_signal(name, toy_data, tmp_path):
     p = predict_proba(module.model, test)
     assert p.shape == (600,) and ((p >= 0) & (p <= 1)).all()
     assert auc(test["label"].numpy(), p) > 0.9, name
-    assert info["best_val_auc"] > 0.9 and 1 <= info["epochs"] <= cfg.epochs
+    assert info["best_val_auc"] > 0.9 and 1 <= info["best_epoch"] <= info["epochs"] <= cfg.epochs
+
+
+def test_best_epoch_weights_are_restored(toy_data, tmp_path):
+    """lr = 0: every epoch scores the same, so the first (1-based) stays the best one."""
+    torch.manual_seed(0)
+    train, val, _ = toy_data
+    cfg = small_cfg(lr=0.0, epochs=2, patience=5)
+    model = build_model("deepfm", SIZES, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module, info = fit_baseline(model, train, val, cfg, TRAINER, tmp_path / "ck", seed=0)
+    assert info["best_epoch"] == 1 and info["epochs"] == 2
+    for k, v in module.model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
 
 
 def _widen(batch: dict, extra: int, seed: int = 0) -> dict:

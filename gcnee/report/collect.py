@@ -1,0 +1,194 @@
+"""Read what the stages of a run wrote into ``checkpoints/<run>/<stage>/`` for the report.
+
+Nothing here runs a stage: a stage that has not finished is reported as ``not run``, one whose
+completion marker does not match the config as ``outdated`` (with the reason), and its section is
+filled from whatever it wrote last. Each ``*_section`` function takes a stage's summary (the
+``summary`` of its ``_SUCCESS.json``) and returns the JSON-able part the report shows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from gcnee.config import flat
+from gcnee.stages import MARKER, ORDER, STAGES, read_json, stage_status
+
+# Keys only the report reads: a stage keyed on the whole ``eval`` section (exits) is not
+# "outdated" because the list of ablations changed.
+REPORT_ONLY_KEYS = ("eval.ablations", "eval.ablation_ks")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<run.checkpoints_dir>/<run.name>``: the stage folders of the run."""
+    return Path(cfg.run.checkpoints_dir) / str(cfg.run.name)
+
+
+def report_dir(cfg: DictConfig) -> Path:
+    """``<run.logs_dir>/<run.name>``: where ``report.md`` and ``report.json`` go."""
+    return Path(cfg.run.logs_dir) / str(cfg.run.name)
+
+
+def is_global_zero() -> bool:
+    """Rank zero of a (possibly) distributed run; True in a plain single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    if int(os.environ.get("NODE_RANK", 0) or 0) != 0:
+        return False
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # torchrun / Lightning / SLURM set these
+        if os.environ.get(key) not in (None, ""):
+            return int(os.environ[key]) == 0
+    return True
+
+
+def fresh_ignoring_report_keys(cfg: DictConfig, name: str) -> tuple[bool, str]:
+    """:func:`gcnee.stages.stage_status`, except that a stage whose recorded config differs from
+    ``cfg`` only in :data:`REPORT_ONLY_KEYS` (and whose upstream stages are fresh) counts as up
+    to date: its outputs do not depend on them."""
+    fresh, why = stage_status(cfg, name)
+    marker = run_dir(cfg) / name / MARKER
+    if fresh or not marker.is_file():
+        return fresh, why
+    old = read_json(marker).get("config", {})
+    new = flat(cfg, STAGES[name].config_keys)
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in REPORT_ONLY_KEYS]
+    if changed or any(not fresh_ignoring_report_keys(cfg, r)[0] for r in STAGES[name].requires):
+        return False, why
+    return True, ""
+
+
+def stage_state(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """``{status, why, seconds, finished, summary}`` of one stage of the run of ``cfg``.
+
+    ``status``: ``up to date`` (marker matches the config), ``outdated`` (finished with other
+    settings; ``why`` names them) or ``not run``.
+    """
+    marker = run_dir(cfg) / name / MARKER
+    if not marker.is_file():
+        return {"status": "not run", "why": f"no {marker}", "seconds": None, "finished": None,
+                "summary": None}
+    done = read_json(marker)
+    fresh, why = fresh_ignoring_report_keys(cfg, name)
+    return {"status": "up to date" if fresh else "outdated", "why": "" if fresh else why,
+            "seconds": done.get("seconds"), "finished": done.get("finished"),
+            "summary": done.get("summary") or {}}
+
+
+def stage_states(cfg: DictConfig, skip: tuple[str, ...] = ("report",)) -> dict[str, dict]:
+    """:func:`stage_state` of every registered stage in pipeline order (``skip`` left out)."""
+    return {name: stage_state(cfg, name) for name in ORDER if name in STAGES and name not in skip}
+
+
+def data_section(s: dict[str, Any]) -> dict[str, Any]:
+    """Users/items/interactions, samples and positive rate per split, skipped lines per file."""
+    a = s.get("after_reading", {})
+    return {
+        "format": s.get("format"), "path": s.get("path"),
+        "users": a.get("users"), "items": a.get("items"), "interactions": a.get("interactions"),
+        "before_filtering": s.get("before_filtering"),
+        "items_without_title": s.get("items_without_title"),
+        "samples": (s.get("samples") or {}).get("total"),
+        "label": (s.get("samples") or {}).get("label"),
+        "split": s.get("split"),
+        "splits": s.get("splits", {}),
+        "few_shot": s.get("few_shot"),
+        "graph_interactions": (s.get("graph") or {}).get("interactions"),
+        "history_length": s.get("history_length"),
+        "skipped_lines": {f["path"]: {"lines": f.get("lines"), "skipped": f.get("bad"),
+                                      "reasons": f.get("reasons", {})}
+                          for f in s.get("files", [])},
+    }
+
+
+def retriever_section(s: dict[str, Any]) -> dict[str, Any]:
+    """Kind, graph size, validation recall@k of the retriever vs popularity, seconds, cold start."""
+    recall = {}
+    for key, value in s.items():
+        m = re.fullmatch(r"val_recall@(\d+)_(\w+)", key)
+        if m:
+            recall["k"] = int(m.group(1))
+            recall[m.group(2)] = value
+    return {
+        "kind": s.get("kind"), "k": s.get("k"), "layers_mode": s.get("layers_mode"),
+        "users": s.get("users"), "items": s.get("items"), "edges": s.get("edges"),
+        "recall": recall,
+        "train_seconds": s.get("train_seconds"), "epochs_run": s.get("epochs_run"),
+        "search_seconds": s.get("search_seconds"),
+        "cold_start": s.get("cold_start", {}),
+    }
+
+
+def llm_section(s: dict[str, Any]) -> dict[str, Any]:
+    """Per split and scorer (tuned, untuned, item_mean, history_mean): AUC, 95% CI, log-loss..."""
+    return {k: s.get(k) for k in ("metrics", "train_samples", "truncated", "prompt_tokens",
+                                  "final_train_loss", "seconds")}
+
+
+def exits_section(s: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Per-head AUC (validation from the stage's metrics, test from the sweep), the sweep rows
+    and the plots the exit stage drew."""
+    out: dict[str, Any] = {"layers": s.get("layers", []), "seconds": s.get("seconds")}
+    val = {int(k.rsplit("_", 1)[1]): v for k, v in (s.get("val") or {}).items()
+           if k.startswith("val/auc/head_")}
+    sweep_path = folder / "sweep.json"
+    sweep = read_json(sweep_path) if sweep_path.is_file() else None
+    test = {int(k): v for k, v in (sweep or {}).get("head_auc", {}).items()}
+    out["head_auc"] = [{"layer": layer, "val_auc": val.get(layer), "test_auc": test.get(layer)}
+                       for layer in out["layers"]]
+    if sweep is not None:
+        out["sweep"] = {k: sweep.get(k) for k in ("rows", "batch_size", "rule", "device",
+                                                  "threads")}
+    out["plots"] = sorted(p.name for p in folder.glob("sweep_*.png"))
+    return out
+
+
+def configured_row(rows: list[dict[str, Any]], eval_cfg: Any) -> dict[str, Any] | None:
+    """The sweep row of the configured exit rule (``eval.rule`` at ``eval.threshold``,
+    ``eval.window``), or None when the sweep did not include that setting."""
+    rule = str(eval_cfg.rule)
+    tau, m = float(eval_cfg.threshold), int(eval_cfg.window)
+    for r in rows:
+        if r.get("rule") != rule:
+            continue
+        if r.get("tau") is not None and abs(float(r["tau"]) - tau) > 1e-12:
+            continue
+        if r.get("m") is not None and int(r["m"]) != m:
+            continue
+        return r
+    return None
+
+
+def full_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The full-depth (no early exit) row of a sweep."""
+    return next((r for r in rows if r.get("kind") == "full"), None)
+
+
+def baselines_section(s: dict[str, Any]) -> dict[str, Any]:
+    """Per traditional model: AUC (CI), log-loss on the LLM's test subset and the full test."""
+    return {"models": s.get("models", {}), "eval_subset": s.get("eval_subset"),
+            "test_samples": s.get("test_samples"), "train_samples": s.get("train_samples"),
+            "note": s.get("note")}
+
+
+def collect_run(cfg: DictConfig) -> dict[str, Any]:
+    """Everything the report shows about one run (no ablations): stage states and sections."""
+    states = stage_states(cfg)
+    out: dict[str, Any] = {"run": str(cfg.run.name), "checkpoints": str(run_dir(cfg)),
+                           "stages": {n: {k: v for k, v in st.items() if k != "summary"}
+                                      for n, st in states.items()}}
+    base = run_dir(cfg)
+    for name, fn in (("data", data_section), ("retriever", retriever_section),
+                     ("llm", llm_section), ("baselines", baselines_section)):
+        st = states.get(name)
+        out[name] = fn(st["summary"]) if st and st["summary"] is not None else None
+    st = states.get("exits")
+    out["exits"] = (exits_section(st["summary"], base / "exits")
+                    if st and st["summary"] is not None else None)
+    return out
