@@ -250,6 +250,13 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
+# The trainer settings that can change a training stage's results (progress bars, logging
+# intervals and DataLoader workers do not, so changing them never reruns a stage).
+TRAINER_RESULT_KEYS = [f"trainer.{k}" for k in (
+    "accelerator", "devices", "strategy", "num_nodes", "precision", "gradient_clip_val",
+    "deterministic")]
+
+
 def _schema_at(path: list[str]) -> Any:
     """The dataclass reached by following ``path`` (field names) from ``Config``."""
     cls: Any = Config

@@ -138,7 +138,7 @@ def stage_status(cfg: DictConfig, name: str) -> tuple[bool, str]:
     changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
     upstream = [r for r in STAGES[name].requires if not stage_status(cfg, r)[0]]
     reasons = changed + [f"upstream stage '{r}' changed" for r in upstream]
-    return False, "; ".join(reasons) or "upstream stages changed"
+    return False, "; ".join(reasons) or "its config keys changed (a new gcnee version?)"
 
 
 def run_stage(cfg: DictConfig, name: str, force: bool = False) -> dict[str, Any]:

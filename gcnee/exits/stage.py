@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
 from gcnee.stages import StageContext, register, write_json
 
@@ -80,7 +81,7 @@ EXIT_EVAL_KEYS = [f"eval.{k}" for k in (
     "window_min_prev", "threshold", "window", "rps_samples", "bootstrap")]
 
 
-@register("exits", config_keys=["exits", *EXIT_EVAL_KEYS, "run.seed", "trainer"],
+@register("exits", config_keys=["exits", *EXIT_EVAL_KEYS, "run.seed", *TRAINER_RESULT_KEYS],
           requires=["llm"],
           help="train exit heads on the frozen tuned model; AUC/RPS sweep over exit thresholds")
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
 from gcnee.metrics import summarize
 from gcnee.simple_scorers import SCORERS, score_simple
@@ -127,7 +128,7 @@ def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 @register("llm", config_keys=["llm", "prompt", "eval.max_samples", "eval.val_max_samples",
-                              "eval.bootstrap", "run.seed", "trainer"],
+                              "eval.bootstrap", "run.seed", *TRAINER_RESULT_KEYS],
           requires=["data", "retriever"],
           help="LoRA-tune the CTR LLM; AUC of tuned/untuned/simple scorers with 95% CIs")
 def run(ctx: StageContext) -> dict[str, Any]:
