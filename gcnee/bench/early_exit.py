@@ -4,8 +4,8 @@ Same requests (the first ``bench.requests`` test prompts of a trained run), same
 (``bench.batch_sizes``); variants per batch size, timed interleaved (``gcnee.bench.timing``):
 
 * ``full depth`` — :meth:`EarlyExitScorer.score_requests` with ``mode="full"``;
-* ``exit <rule>`` — early exit at each τ of ``bench.taus`` with batch compaction (rows that
-  exited leave the batch);
+* ``exit <rule>`` — early exit at each τ of ``bench.taus`` (default ``[eval.threshold]``)
+  with batch compaction (rows that exited leave the batch);
 * ``exit <rule> no compaction`` — the same exits, but every row stays in the batch until the
   slowest has exited (what public early-exit code does); skipped at batch size 1, where the two
   are the same computation.
@@ -90,9 +90,9 @@ def achieved_fraction(achieved: float, ideal: float) -> float:
 
 
 def bench_rules(cfg: Any) -> list[ExitRule]:
-    """One rule per τ of ``bench.taus`` (null: ``eval.thresholds``), with the sweep's
+    """One rule per τ of ``bench.taus`` (null: ``[eval.threshold]``), with the sweep's
     ``eval.rule``, ``eval.window`` and ``eval.window_min_prev``."""
-    taus = cfg.bench.taus if cfg.bench.taus is not None else cfg.eval.thresholds
+    taus = cfg.bench.taus if cfg.bench.taus is not None else [cfg.eval.threshold]
     e = cfg.eval
     mp = int(getattr(e, "window_min_prev", 1))
     if e.rule == "patience":  # τ is unused: one rule
