@@ -130,17 +130,29 @@ class ExitHeadsModule(L.LightningModule):
         hs = self.hidden(batch, self.heads.layers)
         labels = batch["label"].long()
         bs = labels.shape[0]
+        probs = []
         for layer, h in hs.items():
             name = head_name(layer)
             metric = self.auc[split][str(layer)]
-            metric.update(self.heads.prob_yes(layer, h), labels)
+            p = self.heads.prob_yes(layer, h)
+            probs.append(p)
+            metric.update(p, labels)
             self.log(f"{split}/auc/{name}", metric, on_step=False, on_epoch=True, batch_size=bs)
             if not self.heads.is_own_head(layer):
                 self.log(f"{split}/loss/{name}", self.head_loss(layer, h, labels),
                          on_step=False, on_epoch=True, batch_size=bs)
+        if split == "test" and "sample_id" in batch:
+            # Every head's P(yes) per sample: the threshold sweep replays its rules on these
+            # instead of running a second all-heads pass over the test set.
+            rows = torch.stack(probs, dim=1).float().cpu()
+            for sid, row in zip(batch["sample_id"].tolist(), rows):
+                self.test_probs[int(sid)] = row
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_probs: dict[int, torch.Tensor] = {}  # sample_id -> (H,) P(yes) per head
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("test", batch)

@@ -25,23 +25,18 @@ from omegaconf import DictConfig
 from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
 from gcnee.stages import StageContext, register, write_json
+from gcnee.training import trainer_from_config
 
 
 def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
                        callbacks: list[Any] | None = None) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` with the exit stage's epochs."""
-    t = cfg.trainer
-    kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        num_nodes=t.num_nodes, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
-        logger=logger if logger is not None else False, callbacks=callbacks or [],
-        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
-    )
-    if fit:
-        kwargs.update(max_epochs=int(cfg.exits.epochs), gradient_clip_val=t.gradient_clip_val)
-    return L.Trainer(**kwargs)
+    """A ``lightning.Trainer`` from ``cfg.trainer`` with the exit stage's epochs.
+
+    Lightning's distributed sampler is off: ``CTRDataModule`` shards evaluation itself.
+    """
+    return trainer_from_config(cfg.trainer, max_epochs=int(cfg.exits.epochs) if fit else None,
+                               logger=logger, callbacks=callbacks,
+                               use_distributed_sampler=False)
 
 
 def load_tuned(llm_dir: Path) -> tuple[torch.nn.Module, Any]:
@@ -124,7 +119,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.time()
     test = dm.datasets["test"]
     sweep = ThresholdSweepCallback(test.input_ids, test.labels, cfg.eval, ctx.out_dir,
-                                   seed=int(cfg.run.seed))
+                                   seed=int(cfg.run.seed), sample_ids=test.sample_ids)
     tester = build_exit_trainer(cfg, fit=False, logger=logger, callbacks=[sweep])
     metrics = tester.test(module, datamodule=dm, verbose=False)[0]
     seconds["test_and_sweep"] = time.time() - t0

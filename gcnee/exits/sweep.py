@@ -69,8 +69,11 @@ def _timed(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], batch_siz
 
 def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
               labels: Sequence[int], eval_cfg: Any, seed: int = 0,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, head_probs: torch.Tensor | None = None) -> dict[str, Any]:
     """Sweep the exit rules of ``eval_cfg`` over ``requests`` (token-id lists) with ``labels``.
+
+    ``head_probs`` ``(n, H)``: every head's P(yes) per request when already computed (the exit
+    stage's test loop records them); otherwise one all-heads pass computes them.
 
     Returns ``{"rows": [...], "head_auc": {layer: auc}, "layers": [...], ...}``; every row has
     the keys of ``COLUMNS`` plus ``exit_share`` (layer -> share of requests).
@@ -85,7 +88,13 @@ def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
                                                                     int(eval_cfg.rps_samples))
     timed_requests = list(requests[:n_rps])
 
-    probs = scorer.score_requests(requests, bs, mode="all").head_probs  # (n, H)
+    source = "recorded" if head_probs is not None else "all-heads pass"
+    if head_probs is None:
+        head_probs = scorer.score_requests(requests, bs, mode="all").head_probs
+    probs = head_probs.float()  # (n, H)
+    if probs.shape != (len(requests), len(layers)):
+        raise ValueError(f"head_probs has shape {tuple(probs.shape)}, expected "
+                         f"({len(requests)}, {len(layers)})")
     head_auc = {int(layer): auc_ci(y, probs[:, j].numpy(), n_boot=0)[0]
                 for j, layer in enumerate(layers)}
 
@@ -130,7 +139,7 @@ def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
     for r in rows:
         r["speedup"] = r["rps"] / rows[0]["rps"]
     return {"rows": rows, "head_auc": head_auc, "layers": layers, "batch_size": bs,
-            "rule": eval_cfg.rule, "device": str(scorer.device),
+            "rule": eval_cfg.rule, "head_probs": source, "device": str(scorer.device),
             "threads": torch.get_num_threads()}
 
 
@@ -217,15 +226,32 @@ class ThresholdSweepCallback(L.Callback):
     """
 
     def __init__(self, requests: Sequence[Sequence[int]], labels: Sequence[int], eval_cfg: Any,
-                 out_dir: str | Path, seed: int = 0) -> None:
-        self.requests, self.labels = requests, labels
+                 out_dir: str | Path, seed: int = 0,
+                 sample_ids: Sequence[int] | None = None) -> None:
+        self.requests, self.labels, self.sample_ids = requests, labels, sample_ids
         self.eval_cfg, self.out_dir, self.seed = eval_cfg, Path(out_dir), seed
         self.result: dict[str, Any] | None = None
+
+    def _recorded_probs(self, trainer: L.Trainer, pl_module: L.LightningModule
+                        ) -> torch.Tensor | None:
+        """The test loop's per-head P(yes) in request order, if it recorded all of them (one
+        process; under DDP each rank holds a shard and the sweep recomputes them)."""
+        recorded = getattr(pl_module, "test_probs", None)
+        ids = self.sample_ids
+        if ids is None and trainer.datamodule is not None:
+            ids = getattr(trainer.datamodule, "datasets", {}).get("test")
+            ids = ids.sample_ids if ids is not None else None
+        if not recorded or ids is None or len(ids) != len(self.requests):
+            return None
+        if any(int(s) not in recorded for s in ids):
+            return None
+        return torch.stack([recorded[int(s)] for s in ids])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads)
-        self.result = run_sweep(scorer, self.requests, self.labels, self.eval_cfg, self.seed)
+        self.result = run_sweep(scorer, self.requests, self.labels, self.eval_cfg, self.seed,
+                                head_probs=self._recorded_probs(trainer, pl_module))
         write_sweep(self.result, self.out_dir, trainer.logger)
         print(format_sweep(self.result))

@@ -30,6 +30,7 @@ from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
 from gcnee.metrics import summarize
 from gcnee.simple_scorers import SCORERS, score_simple
 from gcnee.stages import StageContext, fingerprint, read_json, register, write_json
+from gcnee.training import trainer_from_config
 
 PROB_SCORERS = ("tuned", "untuned")
 
@@ -41,21 +42,13 @@ def build_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
     Fitting never validates (validation is run explicitly before and after), and Lightning's
     distributed sampler is off: ``CTRDataModule`` shards evaluation itself without duplicates.
     """
-    t = cfg.trainer
-    kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        num_nodes=t.num_nodes, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
-        logger=logger if logger is not None else False, callbacks=callbacks or [],
-        use_distributed_sampler=False, enable_model_summary=fit,
-        enable_checkpointing=bool(callbacks),
-    )
+    extra: dict[str, Any] = {}
     if fit:
-        kwargs.update(max_epochs=int(cfg.llm.epochs), max_steps=int(cfg.llm.max_steps),
-                      accumulate_grad_batches=int(cfg.llm.accumulate_grad_batches),
-                      gradient_clip_val=t.gradient_clip_val, limit_val_batches=0,
-                      num_sanity_val_steps=0)
-    return L.Trainer(**kwargs)
+        extra = dict(max_steps=int(cfg.llm.max_steps), limit_val_batches=0,
+                     accumulate_grad_batches=int(cfg.llm.accumulate_grad_batches))
+    return trainer_from_config(cfg.trainer, max_epochs=int(cfg.llm.epochs) if fit else None,
+                               logger=logger, callbacks=callbacks, enable_model_summary=fit,
+                               use_distributed_sampler=False, **extra)
 
 
 def _device_map(cfg: DictConfig) -> Any:

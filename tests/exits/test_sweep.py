@@ -67,3 +67,16 @@ def test_sweep_rows_match_replay_and_full_depth(tmp_path):
     lines = (tmp_path / "sweep.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + len(rows)
     assert np.isclose(float(lines[1].split(",")[4]), rows[0]["auc"])
+
+
+def test_sweep_with_recorded_head_probs_equals_its_own_pass():
+    scorer = _scorer(seed=1)
+    reqs, labels = _requests(n=16, seed=3)
+    cfg = load_config(None, ["eval.thresholds=[0.05,1.0]", "eval.windows=[2]",
+                             "eval.batch_size=4", "eval.rps_samples=4", "eval.bootstrap=0"]).eval
+    own = run_sweep(scorer, reqs, labels, cfg, progress=False)
+    probs = scorer.score_requests(reqs, 3, mode="all").head_probs  # another batching
+    given = run_sweep(scorer, reqs, labels, cfg, progress=False, head_probs=probs)
+    for a, b in zip(own["rows"], given["rows"]):
+        assert abs(a["auc"] - b["auc"]) < 1e-6
+        assert a["mean_exit_layer"] == b["mean_exit_layer"]
