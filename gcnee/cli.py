@@ -6,6 +6,7 @@
     gcnee model fetch smollm2-135m-instruct [--dest DIR]
     gcnee bench {exit,scoring,train,all} --config FILE [key=value ...]
     gcnee bench retrieval --config FILE [key=value ...]
+    gcnee evaluate --config FILE [key=value ...]
     gcnee bench scale [--config FILE] [key=value ...]
     gcnee report RUN | gcnee report --config FILE [key=value ...]
     gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
     bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
+
+    ev = sub.add_parser("evaluate", help="threshold/window sweep of a trained run (no training)")
+    _add_config_args(ev)
 
     rep = sub.add_parser("report", help="print a run's report (RUN: logs/<run> folder or run "
                          "name), or rebuild it from the stage folders (--config)")
@@ -147,6 +151,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gcnee.retrieval.bench import bench_scale
 
         bench_scale(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "evaluate":
+        from gcnee.exits.stage import evaluate
+
+        evaluate(load_config(args.config, args.overrides))
         return 0
     if args.command == "report":
         return _report(args)

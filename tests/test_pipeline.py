@@ -20,6 +20,12 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     assert (run / "exits" / "sweep_threshold.png").is_file()
     events = list((tmp_path / "logs" / "tiny" / "exits").glob("events.out.tfevents*"))
     assert events, "TensorBoard log of the exit stage"
+    # `gcnee evaluate` replays the sweep of the trained run: same AUCs, its own folder.
+    assert main(["evaluate", *args[1:]]) == 0
+    again = json.loads((tmp_path / "logs" / "tiny" / "evaluate" / "sweep.json").read_text())
+    assert again["head_probs"] == "all-heads pass"
+    for a, b in zip(sweep["rows"], again["rows"]):
+        assert abs(a["auc"] - b["auc"]) < 1e-5 and a["row"] == b["row"]
     # Rerun: every stage is up to date and skipped.
     marker = (run / "llm" / "_SUCCESS.json").stat().st_mtime
     assert main(args) == 0

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
-from gcnee.stages import StageContext, register, write_json
+from gcnee.stages import MARKER, StageContext, StageError, atomic_path, register, write_json
 from gcnee.training import trainer_from_config
 
 
@@ -53,8 +53,6 @@ def load_tuned(llm_dir: Path) -> tuple[torch.nn.Module, Any]:
 
 
 def save_heads(path: Path, heads: ExitHeads, cfg: DictConfig) -> None:
-    from gcnee.stages import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save({"state_dict": heads.state_dict(), "layers": heads.layers,
                     "answer_ids": heads.answer_ids.tolist(), "head": cfg.exits.head,
@@ -138,3 +136,34 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                 for r in sweep.result["rows"]]
         write_json(ctx.out_dir / "summary.json", summary)
     return summary
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """``gcnee evaluate``: the threshold/window sweep of a trained run, without training.
+
+    Uses the run's tuned model (llm stage) and exit heads (exits stage) with the current
+    ``eval.*`` settings (rule, thresholds, windows, batch size, ...); writes the sweep files to
+    ``logs/<run>/evaluate/`` and prints the table.
+    """
+    from gcnee.exits.scorer import EarlyExitScorer
+    from gcnee.exits.sweep import format_sweep, run_sweep, write_sweep
+    from gcnee.llm.datamodule import CTRDataModule
+
+    run_dir = Path(cfg.run.checkpoints_dir) / cfg.run.name
+    for stage in ("data", "retriever", "llm", "exits"):
+        if not (run_dir / stage / MARKER).is_file():
+            raise StageError(f"gcnee evaluate needs a finished '{stage}' stage in {run_dir} "
+                             f"(run `gcnee fit --config ... --stages {stage}` first)")
+    model, tokenizer = load_tuned(run_dir / "llm")
+    heads = load_heads(run_dir / "exits" / "heads.pt", model)
+    dm = CTRDataModule(cfg, run_dir / "data", run_dir / "retriever", run_dir / "llm", tokenizer)
+    dm.prepare_data()
+    dm.setup()
+    test = dm.datasets["test"]
+    result = run_sweep(EarlyExitScorer(model, heads), test.input_ids, test.labels, cfg.eval,
+                       seed=int(cfg.run.seed))
+    out = Path(cfg.run.logs_dir) / cfg.run.name / "evaluate"
+    write_sweep(result, out)
+    print(format_sweep(result))
+    print(f"[gcnee] sweep written to {out}")
+    return result
