@@ -17,6 +17,8 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     assert sweep["rows"][0]["row"] == "full depth"
     assert len(sweep["rows"]) == 1 + 3 + 2
     assert sweep["head_probs"] == "recorded"  # from the test loop, no second all-heads pass
+    # The exit stage reuses the llm stage's token cache (same tokenizer, loaded from merged/).
+    assert len(list((run / "llm").glob("tokens-*.pt"))) == 1
     assert (run / "exits" / "sweep_threshold.png").is_file()
     events = list((tmp_path / "logs" / "tiny" / "exits").glob("events.out.tfevents*"))
     assert events, "TensorBoard log of the exit stage"

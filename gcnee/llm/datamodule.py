@@ -105,6 +105,14 @@ def eval_subset(samples: Sequence[Sample], max_samples: int | None, seed: int) -
     return sorted((samples[i] for i in pick), key=lambda s: s.sample_id)
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides token ids: the vocabulary, special tokens and chat template."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                       getattr(tokenizer, "chat_template", None), tokenizer.padding_side],
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _stage_fingerprint(folder: Path | None) -> str:
     if folder is None:
         return "none"
@@ -181,7 +189,9 @@ class CTRDataModule(L.LightningDataModule):
             "seed": int(cfg.run.seed),
             "upstream": [_stage_fingerprint(self.data_dir),
                          _stage_fingerprint(self.retriever_dir)],
-            "tokenizer": [getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer)],
+            # The tokenizer's content, not its path: the exit stage loads the same tokenizer
+            # from the llm stage's merged/ copy and must hit the same cache.
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
         return self.cache_dir / f"tokens-{digest.hexdigest()[:16]}.pt"
