@@ -4,7 +4,7 @@
     gcnee data prepare --config FILE [key=value ...]
     gcnee data fetch ml-100k [--dest DIR]
     gcnee model fetch smollm2-135m-instruct [--dest DIR]
-    gcnee bench {exit,scoring,train,all} --config FILE [key=value ...]
+    gcnee bench {exit,scoring,train,all,precision} --config FILE [key=value ...]
     gcnee bench retrieval --config FILE [key=value ...]
     gcnee evaluate --config FILE [key=value ...]
     gcnee bench scale [--config FILE] [key=value ...]
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("exit", "early exit: RPS vs full depth, ideal vs achieved speedup"),
                        ("scoring", "our full-depth scorer vs generate + vocabulary softmax"),
                        ("train", "samples/s of the LoRA step and of the exit-head step"),
-                       ("all", "exit, scoring, retrieval and train: all.json + bench.md")):
+                       ("all", "exit, scoring, retrieval and train: all.json + bench.md"),
+                       ("precision", "fp32 vs bf16 scoring: speed and agreement (AUC, |dP|)")):
         _add_config_args(bench.add_parser(name, help=text))
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
@@ -137,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         bench_retrieval(load_config(args.config, args.overrides))
         return 0
-    if args.command == "bench" and args.what in ("exit", "scoring", "train", "all"):
+    if args.command == "bench" and args.what in ("exit", "scoring", "train", "all", "precision"):
         from gcnee.bench.run import bench_all, run_one
 
         cfg = load_config(args.config, args.overrides)

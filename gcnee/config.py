@@ -166,6 +166,9 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     num_workers: int = 0  # DataLoader workers
+    # Training stages rewrite ckpt/last.ckpt every this many optimizer steps (null: each epoch
+    # end); a killed `gcnee fit` resumes from it.
+    checkpoint_every_n_steps: int | None = 20
 
 
 @dataclass
@@ -235,6 +238,10 @@ class BenchConfig:
     train_steps: int = 3  # timed optimizer steps per training bench (after train_warmup)
     train_warmup: int = 1
     profile: bool = False  # torch.profiler of one early-exit batch per batch size
+    # `gcnee bench precision`: test prompts scored in fp32, bf16 autocast and bf16 weights
+    # (null = the whole test subset) and interleaved repeats of that scoring
+    precision_samples: int | None = 256
+    precision_repeats: int = 1
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The pipeline: importing this module registers every stage, in pipeline order.
 
 A new stage is a module with a ``@register(...)`` function, added to ``STAGE_MODULES`` after the
-stages it reads from.
+stages it reads from; it imports their modules itself, so that importing it alone registers a
+valid order too.
 """
 
 import importlib

@@ -9,6 +9,10 @@ saying which keys changed, and so are the stages after it (their fingerprints in
 Outputs are written atomically (temporary file, then rename), and nothing is read from a stage
 folder without a marker, so a killed run never leaves a half-written output that a later stage
 trusts.
+
+Under DDP (``gcnee.distributed``) rank 0 alone writes markers and stage files. A *distributed*
+stage runs on every rank; any other stage runs on rank 0 while the other ranks wait for its
+marker. A failing stage on rank 0 leaves ``_FAILED.json`` so that waiting ranks stop too.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from gcnee.config import flat, section_fingerprint, to_yaml
+from gcnee.distributed import is_global_zero, pipeline_start, single_process_env, world_size
 
 MARKER = "_SUCCESS.json"
+FAILED = "_FAILED.json"
+# How long ranks other than 0 wait for rank 0 to finish a stage (env GCNEE_RANK_WAIT_S).
+RANK_WAIT_S = float(os.environ.get("GCNEE_RANK_WAIT_S", 7 * 24 * 3600))
 
 
 class StageError(RuntimeError):
@@ -41,6 +49,7 @@ class Stage:
     requires: list[str]  # upstream stages whose outputs it reads
     help: str = ""
     always: bool = False  # rerun on every pipeline run (the report: it reads every stage)
+    distributed: bool = False  # runs on every rank under DDP (else on rank 0, others wait)
 
 
 STAGES: dict[str, Stage] = {}
@@ -49,7 +58,7 @@ ORDER: list[str] = []  # registration order = pipeline order
 
 def register(
     name: str, *, config_keys: list[str], requires: list[str] = (), help: str = "",
-    always: bool = False,
+    always: bool = False, distributed: bool = False,
 ) -> Callable[[Callable[[StageContext], dict[str, Any]]], Callable[[StageContext], dict[str, Any]]]:
     """Decorator: ``@register("data", config_keys=["data", "run.seed"])``."""
 
@@ -57,7 +66,8 @@ def register(
         for req in requires:
             if req not in STAGES:
                 raise ValueError(f"stage {name!r} requires unregistered stage {req!r}")
-        STAGES[name] = Stage(name, fn, list(config_keys), list(requires), help, always)
+        STAGES[name] = Stage(name, fn, list(config_keys), list(requires), help, always,
+                             distributed)
         if name not in ORDER:
             ORDER.append(name)
         return fn
@@ -145,19 +155,36 @@ def run_stage(cfg: DictConfig, name: str, force: bool = False) -> dict[str, Any]
     """Run one stage unless its marker says it is up to date; return its summary."""
     st = STAGES[name]
     ctx = StageContext(cfg, st, force)
+    zero = is_global_zero()
     fresh, why = stage_status(cfg, name)
     if st.always:
         fresh, why = False, "always rerun"
     if fresh and not force:
-        print(f"[gcnee] stage '{name}': up to date, skipped ({ctx.out_dir})")
+        if zero:
+            print(f"[gcnee] stage '{name}': up to date, skipped ({ctx.out_dir})")
         return read_json(ctx.out_dir / MARKER).get("summary", {})
+    since = pipeline_start()
+    if not zero:
+        if st.distributed:
+            st.run(ctx)
+        return _await_rank_zero(ctx, since)
     print(f"[gcnee] stage '{name}': running ({'forced' if force else why})")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / MARKER).unlink(missing_ok=True)
+    (ctx.out_dir / FAILED).unlink(missing_ok=True)
     with atomic_path(ctx.out_dir / "config.yaml") as tmp:
         tmp.write_text(to_yaml(cfg))
     start = time.time()
-    summary = st.run(ctx) or {}
+    try:
+        if st.distributed or world_size() == 1:
+            summary = st.run(ctx) or {}
+        else:
+            with single_process_env():
+                summary = st.run(ctx) or {}
+    except BaseException as exc:
+        write_json(ctx.out_dir / FAILED, {"stage": name, "error": repr(exc),
+                                          "failed_at": time.time()})
+        raise
     write_json(
         ctx.out_dir / MARKER,
         {
@@ -166,10 +193,38 @@ def run_stage(cfg: DictConfig, name: str, force: bool = False) -> dict[str, Any]
             "config": flat(cfg, st.config_keys),
             "seconds": round(time.time() - start, 2),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "finished_at": time.time(),
             "summary": summary,
         },
     )
     return summary
+
+
+def _await_rank_zero(ctx: StageContext, since: float) -> dict[str, Any]:
+    """On ranks other than 0: wait until rank 0 has written this run's marker of the stage."""
+    marker, failed = ctx.out_dir / MARKER, ctx.out_dir / FAILED
+    want = fingerprint(ctx.cfg, ctx.stage.name)
+    deadline = time.time() + RANK_WAIT_S
+    while time.time() < deadline:
+        if failed.is_file():
+            info = _read_if_complete(failed)
+            if info and info.get("failed_at", 0) >= since:
+                raise StageError(f"stage '{ctx.stage.name}' failed on rank 0: {info['error']}")
+        if marker.is_file():
+            done = _read_if_complete(marker)
+            if done and done.get("fingerprint") == want and done.get("finished_at", 0) >= since:
+                return done.get("summary", {})
+        time.sleep(0.5)
+    raise StageError(f"waited {RANK_WAIT_S:.0f} s for rank 0 to finish stage "
+                     f"'{ctx.stage.name}' ({marker}); is {ctx.run_dir} on a filesystem that "
+                     f"every node sees?")
+
+
+def _read_if_complete(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):  # replaced between the check and the read
+        return None
 
 
 def run_pipeline(cfg: DictConfig, stages: list[str] | None = None, force: bool = False) -> None:

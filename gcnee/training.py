@@ -7,10 +7,15 @@ and callbacks. Checkpointing is on exactly when a ``ModelCheckpoint`` is among t
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gcnee.distributed import is_global_zero
 
 
 def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logger: Any = None,
@@ -34,3 +39,36 @@ def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logg
         kwargs["max_epochs"] = int(max_epochs)
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def resumable_checkpoint(ctx: Any, every_n_steps: int | None) -> tuple[ModelCheckpoint, str | None]:
+    """The stage's ``ckpt/last.ckpt`` callback and the checkpoint to resume from (or None).
+
+    ``ckpt/`` belongs to one configuration (``ckpt/fingerprint.txt``): a checkpoint of another
+    one, or any under ``--force``, is deleted rather than resumed. Every rank reaches the same
+    decision from the same files; only rank 0 deletes and writes.
+    ``last.ckpt`` is rewritten every ``every_n_steps`` optimizer steps (None: each epoch end).
+    """
+    from gcnee.stages import fingerprint
+
+    ckpt_dir = ctx.out_dir / "ckpt"
+    stamp = ckpt_dir / "fingerprint.txt"
+    fp = fingerprint(ctx.cfg, ctx.stage.name)
+    stale = ctx.force or not stamp.is_file() or stamp.read_text().strip() != fp
+    last = ckpt_dir / "last.ckpt"
+    resume = None if stale or not last.is_file() else str(last)
+    if is_global_zero():
+        if stale and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fp + "\n")
+    callback = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                               every_n_train_steps=every_n_steps or None)
+    return callback, resume
+
+
+def checkpoint_step(path: str | Path | None) -> int:
+    """The optimizer step a Lightning checkpoint was saved at (0 for None)."""
+    if path is None:
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])

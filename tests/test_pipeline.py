@@ -14,6 +14,16 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
         assert (run / stage / "_SUCCESS.json").is_file(), stage
         assert (run / stage / "config.yaml").is_file(), stage
     sweep = json.loads((run / "exits" / "sweep.json").read_text())
+    # The exit stage reused the llm stage's recorded exit-layer states of the val/test prompts:
+    # its backbone ran only over the training batches, and its full-depth AUC is the llm's.
+    llm = json.loads((run / "llm" / "summary.json").read_text())
+    exits = json.loads((run / "exits" / "summary.json").read_text())
+    n_test = llm["metrics"]["test"]["tuned"]["n"]
+    assert exits["states_from_llm_stage"] == {"val": llm["metrics"]["val"]["tuned"]["n"],
+                                              "test": n_test}
+    assert exits["backbone_batches"] == -(-llm["train_samples"] // 4)  # 1 epoch, batch 4
+    full = next(r for r in sweep["rows"] if r["row"] == "full depth")
+    assert abs(full["auc"] - llm["metrics"]["test"]["tuned"]["auc"]) < 1e-6
     assert sweep["rows"][0]["row"] == "full depth"
     assert len(sweep["rows"]) == 1 + 3 + 2
     assert sweep["head_probs"] == "recorded"  # from the test loop, no second all-heads pass
@@ -22,12 +32,17 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     assert (run / "exits" / "sweep_threshold.png").is_file()
     events = list((tmp_path / "logs" / "tiny" / "exits").glob("events.out.tfevents*"))
     assert events, "TensorBoard log of the exit stage"
-    # `gcnee evaluate` replays the sweep of the trained run: same AUCs, its own folder.
-    assert main(["evaluate", *args[1:]]) == 0
-    again = json.loads((tmp_path / "logs" / "tiny" / "evaluate" / "sweep.json").read_text())
-    assert again["head_probs"] == "all-heads pass"
-    for a, b in zip(sweep["rows"], again["rows"]):
-        assert abs(a["auc"] - b["auc"]) < 1e-5 and a["row"] == b["row"]
+    # `gcnee evaluate` replays the sweep of the trained run: same AUCs, its own folder; from
+    # the saved head probabilities, or, without them, from its own all-heads pass.
+    saved = run / "exits" / "head_probs.pt"
+    assert saved.is_file()
+    for source in ("recorded", "all-heads pass"):
+        assert main(["evaluate", *args[1:]]) == 0
+        again = json.loads((tmp_path / "logs" / "tiny" / "evaluate" / "sweep.json").read_text())
+        assert again["head_probs"] == source
+        for a, b in zip(sweep["rows"], again["rows"]):
+            assert abs(a["auc"] - b["auc"]) < 1e-5 and a["row"] == b["row"]
+        saved.unlink(missing_ok=True)
     # Rerun: every stage is up to date and skipped.
     marker = (run / "llm" / "_SUCCESS.json").stat().st_mtime
     assert main(args) == 0

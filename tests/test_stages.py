@@ -130,3 +130,69 @@ def test_unknown_stage_and_unregistered_requirement(toy):
     with pytest.raises(ValueError, match="unregistered stage"):
         register("_test_orphan", config_keys=[], requires=["no_such_stage"])(lambda ctx: {})
     assert "_test_orphan" not in stages.STAGES
+
+
+# ---- several ranks (gcnee.distributed): rank 0 writes, the others wait -----------------------
+
+def _as_rank(monkeypatch, rank: int, world: int = 2) -> None:
+    for k, v in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "GROUP_RANK": 0,
+                 "LOCAL_WORLD_SIZE": world}.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_rank_zero_runs_single_process_stage_without_launcher_env(toy, monkeypatch):
+    up, down, calls, cfg = toy
+    seen = {}
+
+    @register(f"{up}_env", config_keys=["run.seed"])
+    def run_env(ctx):
+        import os
+
+        seen.update({k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+        return {}
+
+    try:
+        _as_rank(monkeypatch, 0)
+        run_stage(cfg(), f"{up}_env")
+        assert seen == {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None}
+        import os
+
+        assert os.environ["RANK"] == "0"  # restored afterwards
+    finally:
+        stages.STAGES.pop(f"{up}_env")
+        stages.ORDER.remove(f"{up}_env")
+
+
+def test_other_rank_waits_for_rank_zero_marker_and_never_writes(toy, monkeypatch):
+    import threading
+    import time
+
+    up, down, calls, cfg = toy
+    _as_rank(monkeypatch, 1)
+    monkeypatch.setenv("GCNEE_PIPELINE_START", repr(time.time()))
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(s=run_stage(cfg(), up)))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and calls == []  # rank 1 neither runs nor marks the stage
+    marker_dir = cfg().run.checkpoints_dir
+    assert not (stages.Path(marker_dir) / "t" / up / MARKER).exists()
+    monkeypatch.setenv("RANK", "0")  # now play rank 0 in this thread
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_stage(cfg(), up) == {"history": 15}
+    waiter.join(timeout=10)
+    assert out["s"] == {"history": 15} and calls == [up]
+
+
+def test_other_rank_stops_when_rank_zero_fails(toy, monkeypatch):
+    import time
+
+    up, down, calls, cfg = toy
+    monkeypatch.setenv("GCNEE_PIPELINE_START", repr(time.time()))
+    out = stages.Path(cfg().run.checkpoints_dir) / "t" / up
+    out.mkdir(parents=True)
+    stages.write_json(out / stages.FAILED, {"error": "OSError('disk full')",
+                                            "failed_at": time.time()})
+    _as_rank(monkeypatch, 1)
+    with pytest.raises(StageError, match="failed on rank 0.*disk full"):
+        run_stage(cfg(), up)

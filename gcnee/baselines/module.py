@@ -112,7 +112,7 @@ def fit_baseline(model: nn.Module, train: dict[str, torch.Tensor], val: dict[str
     steps = max(1, len(train_loader))
     trainer = trainer_from_config(
         trainer_cfg, max_epochs=int(cfg.epochs), logger=logger,
-        callbacks=[checkpoint, stopping],
+        callbacks=[checkpoint, stopping], devices=1, strategy="auto", num_nodes=1,
         log_every_n_steps=min(int(trainer_cfg.log_every_n_steps), steps))
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)

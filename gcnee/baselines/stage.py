@@ -21,7 +21,9 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import gcnee.data.stage  # noqa: F401  (registers "data", which this stage requires)
 from gcnee.config import ConfigError
+from gcnee.distributed import is_global_zero
 from gcnee.stages import StageContext, atomic_path, register, write_json
 
 NAMES = {"deepfm": "DeepFM", "din": "DIN", "gru4rec": "GRU4Rec", "sim": "SIM"}
@@ -129,7 +131,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "categories": len(encoder.categories),
         "oov_test": encoder.oov_rates(splits["test"]),
     }
-    if _is_global_zero():
+    if is_global_zero():
         _write_scores(ctx.out_dir / "scores_test.csv", test_ids[order], labels[order],
                       in_subset[order], {k: v[order] for k, v in scores.items()})
         with atomic_path(ctx.out_dir / "table.md") as tmp:
@@ -137,9 +139,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
         write_json(ctx.out_dir / "summary.json", summary)
         print(table)
     return summary
-
-
-def _is_global_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

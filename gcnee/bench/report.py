@@ -150,10 +150,22 @@ def format_train(res: dict[str, Any]) -> str:
             f"step(s), real batches of the config's training split.")
 
 
+def format_precision(res: dict[str, Any]) -> str:
+    rows = [[v["variant"], fmt(v["rps"], 2), fmt(v["speedup"], 2, "×"), f"{v['auc']:.4f}",
+             f"{v['auc_diff']:+.4f}", f"{v['spearman']:.4f}", f"{v['max_abs_diff']:.1e}",
+             f"{v['mean_abs_diff']:.1e}"] for v in res["variants"]]
+    table = markdown_table(["precision", "RPS", "speedup", "AUC", "AUC − fp32",
+                            "Spearman vs fp32", "max |ΔP|", "mean |ΔP|"], rows, align="lrrrrrrr")
+    return (f"{table}\n\n{res['n_requests']} test prompts ({res['positives']} positive, mean "
+            f"{res['mean_prompt_tokens']:.0f} tokens), batch size {res['batch_size']}; "
+            f"medians of {res['repeats']} interleaved repeat(s).")
+
+
 SECTIONS = (("exit", "Early exit: RPS, ideal and achieved speedup", format_exit),
             ("scoring", "Scoring: our full-depth path vs `generate`", format_scoring),
             ("retrieval", "Retrieval: GCN vs LLM embeddings", format_retrieval),
-            ("train", "Training throughput", format_train))
+            ("train", "Training throughput", format_train),
+            ("precision", "Precision: fp32 vs bf16 scoring", format_precision))
 
 
 def format_report(results: dict[str, Any], command: str | None = None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gcnee.bench.early_exit import bench_dir, bench_exit
+from gcnee.bench.precision import bench_precision
 from gcnee.bench.report import format_report, load_average, machine_info
 from gcnee.bench.scoring import bench_scoring
 from gcnee.bench.train import bench_train
@@ -28,7 +29,8 @@ def _retrieval(cfg: Any, out_dir: Path) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
-    "exit": bench_exit, "scoring": bench_scoring, "retrieval": _retrieval, "train": bench_train}
+    "exit": bench_exit, "scoring": bench_scoring, "retrieval": _retrieval, "train": bench_train,
+    "precision": bench_precision}  # precision is not part of `all` (it scores 3 x 256 prompts)
 
 
 def bench_all(cfg: Any, which: Sequence[str] = BENCHES, command: str | None = None

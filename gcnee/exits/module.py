@@ -1,11 +1,13 @@
 """``ExitHeadsModule``: trains exit heads on a frozen, merged CTR backbone (DESIGN.md §1.5).
 
 The backbone never changes: its parameters have ``requires_grad=False`` and it stays in eval mode
-even when Lightning calls ``.train()``. Each batch runs the backbone once, without gradient, up to
-the deepest trainable exit layer (not further), and every trainable head is trained on the
-last-position hidden state of its layer. The head at the model's last layer, when
-``exits.layers`` holds it, is the tuned model's own head (frozen, see ``heads.py``): it is
-evaluated, not trained.
+even when Lightning calls ``.train()``. A batch runs the backbone once, without gradient, up to
+the deepest exit layer it needs (not further), and every trainable head is trained on the
+last-position hidden state of its layer. Because the backbone is frozen, those states are kept
+per sample (``cache``): later epochs, and evaluation of samples whose states the llm stage
+recorded (:meth:`ExitHeadsModule.add_states`), do not run the backbone again. The head at the
+model's last layer, when ``exits.layers`` holds it, is the tuned model's own head (frozen, see
+``heads.py``): it is evaluated, not trained.
 
 Loss per head (``exits.head``): ``full`` — cross-entropy over the whole vocabulary on the answer
 token ("Yes" for label 1, "No" for 0; the paper's ``-log p^(l)(y|x)``); ``answer`` — cross-entropy
@@ -60,12 +62,16 @@ class ExitHeadsModule(L.LightningModule):
         heads: :class:`ExitHeads` built for it.
         lr, beta: ``exits.lr``, ``exits.beta``; ``lr_depth``: ``exits.lr_depth``.
         weight_decay: AdamW weight decay.
+        cache: keep each sample's backbone states after their first computation (the backbone
+            is frozen, so later epochs and evaluation reuse them; memory: samples x exit
+            layers x hidden floats).
 
     Batches: ``{"input_ids": (B, T), "attention_mask": (B, T) left-padded, "label": (B,) 0/1}``.
     """
 
     def __init__(self, backbone: torch.nn.Module, heads: ExitHeads, lr: float = 1e-3,
-                 beta: float = 0.1, lr_depth: str = "head", weight_decay: float = 0.0) -> None:
+                 beta: float = 0.1, lr_depth: str = "head", weight_decay: float = 0.0,
+                 cache: bool = True) -> None:
         super().__init__()
         if not heads.trainable_layers:
             raise ValueError(f"exits.layers={heads.layers} has no head to train (only the "
@@ -76,6 +82,9 @@ class ExitHeadsModule(L.LightningModule):
         self.weight_decay = float(weight_decay)
         # Checkpoints hold only the heads; the frozen backbone comes from the LLM stage's folder.
         self.strict_loading = False
+        self.cache = bool(cache)
+        self.states: dict[int, dict[int, torch.Tensor]] = {}  # sample_id -> layer -> (hidden,)
+        self.backbone_batches = 0  # batches that ran the backbone (the rest came from states)
         self.auc = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({str(layer): BinaryAUROC() for layer in heads.layers})
             for split in ("val", "test")})
@@ -85,11 +94,32 @@ class ExitHeadsModule(L.LightningModule):
         self.backbone.eval()  # frozen: no dropout, whatever Lightning asks
         return self
 
-    # ---- heads ------------------------------------------------------------------------------
+    # ---- hidden states ----------------------------------------------------------------------
+    def add_states(self, sample_ids: list[int], layers: list[int], states: torch.Tensor) -> None:
+        """Remember the backbone's last-position outputs ``states`` (n, len(layers), hidden) of
+        ``sample_ids``: batches of those samples then skip the backbone."""
+        for row, sid in enumerate(sample_ids):
+            cached = self.states.setdefault(int(sid), {})
+            for j, layer in enumerate(layers):
+                cached[int(layer)] = states[row, j]
+
     def hidden(self, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
-        """Last-position hidden states ``{layer: (B, hidden)}`` from the frozen backbone."""
-        return last_hidden_states(self.backbone, batch["input_ids"], batch["attention_mask"],
-                                  layers)
+        """Last-position hidden states ``{layer: (B, hidden)}`` from the frozen backbone.
+
+        The backbone never changes, so each sample's states are computed once (``cache``) or
+        taken from :meth:`add_states` (the llm stage's evaluation pass over the same prompts).
+        """
+        ids = batch["sample_id"].tolist() if "sample_id" in batch else None
+        if ids is not None and all(all(x in self.states.get(s, ()) for x in layers)
+                                   for s in ids):
+            dev = batch["input_ids"].device
+            return {x: torch.stack([self.states[s][x] for s in ids]).to(dev) for x in layers}
+        out = last_hidden_states(self.backbone, batch["input_ids"], batch["attention_mask"],
+                                 layers)
+        if ids is not None and self.cache:
+            self.add_states(ids, list(out), torch.stack([out[x] for x in out], dim=1).cpu())
+        self.backbone_batches += 1
+        return out
 
     def head_loss(self, layer: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head at ``layer`` on the answer token, ``h`` (B, hidden)."""

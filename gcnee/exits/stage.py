@@ -18,14 +18,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+import gcnee.llm.stage  # noqa: F401  (registers "llm" and its upstream stages first)
 from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
 from gcnee.stages import MARKER, StageContext, StageError, atomic_path, register, write_json
-from gcnee.training import trainer_from_config
+from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
 
 
 def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
@@ -68,6 +68,27 @@ def load_heads(path: Path, model: torch.nn.Module) -> ExitHeads:
     return heads
 
 
+def load_llm_states(module: Any, llm_dir: Path, layers: list[int]) -> dict[str, int]:
+    """Give ``module`` the tuned model's exit-layer states that the llm stage recorded while
+    scoring the validation and test prompts (``llm/hidden_{val,test}.pt``), when they cover
+    every exit layer; ``{split: samples}`` reused. They come from the LoRA-wrapped model, the
+    heads' backbone is the merged copy: the same function up to float rounding (~1e-6)."""
+    from gcnee.llm.stage import HIDDEN
+
+    reused = {}
+    for split in ("val", "test"):
+        path = llm_dir / HIDDEN.format(split=split)
+        if not path.is_file():
+            continue
+        blob = torch.load(path, weights_only=True)
+        if not set(layers) <= set(blob["layers"]):
+            continue
+        pick = [blob["layers"].index(x) for x in layers]
+        module.add_states(blob["sample_ids"], list(layers), blob["states"][:, pick])
+        reused[split] = len(blob["sample_ids"])
+    return reused
+
+
 # The eval keys that change this stage's outputs (not eval.ablations: those are the report's).
 EXIT_EVAL_KEYS = [f"eval.{k}" for k in (
     "max_samples", "val_max_samples", "batch_size", "rule", "thresholds", "windows",
@@ -75,7 +96,7 @@ EXIT_EVAL_KEYS = [f"eval.{k}" for k in (
 
 
 @register("exits", config_keys=["exits", *EXIT_EVAL_KEYS, "run.seed", *TRAINER_RESULT_KEYS],
-          requires=["llm"],
+          requires=["llm"], distributed=True,
           help="train exit heads on the frozen tuned model; AUC/RPS sweep over exit thresholds")
 def run(ctx: StageContext) -> dict[str, Any]:
     from gcnee.exits.module import ExitHeadsModule
@@ -104,14 +125,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     module = ExitHeadsModule(model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
                              lr_depth=cfg.exits.lr_depth)
+    reused = load_llm_states(module, llm_dir, heads.layers)
     logger = TensorBoardLogger(save_dir=str(ctx.log_dir), name="", version="",
                                default_hp_metric=False)
-    ckpt_dir = ctx.out_dir / "ckpt"
-    last = ckpt_dir / "last.ckpt"
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
+    checkpoint, resume = resumable_checkpoint(ctx, cfg.trainer.checkpoint_every_n_steps)
     t0 = time.time()
     trainer = build_exit_trainer(cfg, fit=True, logger=logger, callbacks=[checkpoint])
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
+    if not any(k.startswith("val/") for k in trainer.callback_metrics):
+        trainer.validate(module, datamodule=dm, verbose=False)  # resumed after the last epoch
     seconds["train"] = time.time() - t0
 
     t0 = time.time()
@@ -124,6 +147,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "layers": heads.layers,
         "learning_rates": {str(k): v for k, v in module.lrs.items()},
+        "resumed_from_step": checkpoint_step(resume),
+        "states_from_llm_stage": reused,
+        "backbone_batches": module.backbone_batches,
+        "global_step": int(trainer.global_step),
         "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "test": {k: float(v) for k, v in metrics.items()},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -146,7 +173,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ``logs/<run>/evaluate/`` and prints the table.
     """
     from gcnee.exits.scorer import EarlyExitScorer
-    from gcnee.exits.sweep import format_sweep, run_sweep, write_sweep
+    from gcnee.exits.sweep import HEAD_PROBS, format_sweep, load_head_probs, run_sweep, write_sweep
     from gcnee.llm.datamodule import CTRDataModule
 
     run_dir = Path(cfg.run.checkpoints_dir) / cfg.run.name
@@ -160,8 +187,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup()
     test = dm.datasets["test"]
+    # The exit stage's recorded head probabilities, when they are for the same test samples.
+    probs = load_head_probs(run_dir / "exits" / HEAD_PROBS, test.sample_ids, heads.layers)
     result = run_sweep(EarlyExitScorer(model, heads), test.input_ids, test.labels, cfg.eval,
-                       seed=int(cfg.run.seed))
+                       seed=int(cfg.run.seed), head_probs=probs)
     out = Path(cfg.run.logs_dir) / cfg.run.name / "evaluate"
     write_sweep(result, out)
     print(format_sweep(result))

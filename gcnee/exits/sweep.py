@@ -67,6 +67,28 @@ def _timed(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], batch_siz
     return res, time.perf_counter() - start
 
 
+HEAD_PROBS = "head_probs.pt"
+
+
+def save_head_probs(path: Path, probs: torch.Tensor, sample_ids: Sequence[int],
+                    layers: Sequence[int]) -> None:
+    """Every head's P(yes) ``(n, H)`` per test sample, for ``gcnee evaluate`` to replay."""
+    with atomic_path(path) as tmp:
+        torch.save({"probs": probs.float(), "sample_ids": [int(s) for s in sample_ids],
+                    "layers": [int(x) for x in layers]}, tmp)
+
+
+def load_head_probs(path: Path, sample_ids: Sequence[int],
+                    layers: Sequence[int]) -> torch.Tensor | None:
+    """The saved head probabilities if they are for exactly these samples and heads."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob["sample_ids"] != [int(s) for s in sample_ids] or blob["layers"] != list(layers):
+        return None
+    return blob["probs"]
+
+
 def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
               labels: Sequence[int], eval_cfg: Any, seed: int = 0,
               progress: bool = True, head_probs: torch.Tensor | None = None) -> dict[str, Any]:
@@ -251,7 +273,11 @@ class ThresholdSweepCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads)
+        probs = self._recorded_probs(trainer, pl_module)
+        if probs is not None and self.sample_ids is not None:
+            save_head_probs(self.out_dir / HEAD_PROBS, probs, self.sample_ids,
+                            pl_module.heads.layers)
         self.result = run_sweep(scorer, self.requests, self.labels, self.eval_cfg, self.seed,
-                                head_probs=self._recorded_probs(trainer, pl_module))
+                                head_probs=probs)
         write_sweep(self.result, self.out_dir, trainer.logger)
         print(format_sweep(self.result))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,32 @@ def add_lora(model: torch.nn.Module, lora_cfg: DictConfig) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama-style causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+@contextmanager
+def record_last_hidden(model: torch.nn.Module, layers: list[int]
+                       ) -> Iterator[dict[int, torch.Tensor]]:
+    """While active, each forward of ``model`` leaves ``{layer: (B, hidden)}`` in the yielded
+    dict: the last position's output of decoder layer ``layer`` (1-based, before any final
+    norm: what :func:`gcnee.exits.scorer.last_hidden_states` returns for left-padded batches)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(_mod: Any, _inp: Any, out: Any, layer: int = layer) -> None:
+            h = out[0] if isinstance(out, tuple) else out
+            seen[layer] = h[:, -1].detach().float().cpu()
+        handles.append(decoder_layers(model)[layer - 1].register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         out: list[Any] = [None] * torch.distributed.get_world_size()
@@ -120,9 +148,12 @@ class CTRLLMModule(L.LightningModule):
             split: MetricCollection({"auc": BinaryAUROC(), "accuracy": BinaryAccuracy()})
             for split in ("val", "test")})
         self.eval_logloss = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
-        self._outputs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
-            "val": [], "test": []}
+        self._outputs: dict[str, list[tuple]] = {"val": [], "test": []}
         self.results: dict[str, dict[str, np.ndarray]] = {}
+        # Decoder layers whose last-position outputs evaluation records (``results[split]
+        # ["hidden"]``, (n, len(record_layers), hidden)): the exit stage trains and evaluates
+        # its heads on them instead of running the backbone over the same prompts again.
+        self.record_layers: list[int] = []
 
     # ---- scoring --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,14 +200,17 @@ class CTRLLMModule(L.LightningModule):
 
     # ---- evaluation -----------------------------------------------------------------------
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
-        probs = self.score(batch["input_ids"], batch["attention_mask"])
+        with record_last_hidden(self.model, self.record_layers) as seen:
+            probs = self.score(batch["input_ids"], batch["attention_mask"])
         labels = batch["label"]
         self.eval_metrics[split].update(probs, labels)
         self.eval_logloss[split].update(
             F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float(),
                                    reduction="none"))
+        hidden = (torch.stack([seen[x] for x in self.record_layers], dim=1).numpy()
+                  if self.record_layers else None)
         self._outputs[split].append((batch["sample_id"].cpu().numpy(),
-                                     probs.float().cpu().numpy(), labels.cpu().numpy()))
+                                     probs.float().cpu().numpy(), labels.cpu().numpy(), hidden))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -196,12 +230,14 @@ class CTRLLMModule(L.LightningModule):
         self._outputs[split] = []
         parts = [p for rank in _gather_objects(local) for p in rank]
         if parts:
-            ids, scores, labels = (np.concatenate(x) for x in zip(*parts, strict=True))
+            ids, scores, labels = (np.concatenate([p[i] for p in parts]) for i in range(3))
         else:
             ids, scores, labels = np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
         ids, first = np.unique(ids, return_index=True)  # sorted; no duplicates expected
         self.results[split] = {"sample_id": ids, "score": scores[first],
                                "label": labels[first]}
+        if self.record_layers and parts:
+            self.results[split]["hidden"] = np.concatenate([p[3] for p in parts])[first]
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")

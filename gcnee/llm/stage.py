@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+import gcnee.retrieval.stage  # noqa: F401  (registers "data" and "retriever" first)
 from gcnee.config import TRAINER_RESULT_KEYS
+from gcnee.distributed import is_global_zero
 from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
 from gcnee.metrics import summarize
 from gcnee.simple_scorers import SCORERS, score_simple
-from gcnee.stages import StageContext, fingerprint, read_json, register, write_json
-from gcnee.training import trainer_from_config
+from gcnee.stages import StageContext, read_json, register, write_json
+from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
 
 PROB_SCORERS = ("tuned", "untuned")
 
@@ -62,23 +62,37 @@ def _device_map(cfg: DictConfig) -> Any:
     return None
 
 
-def _prepare_ckpt_dir(ctx: StageContext) -> Path:
-    """``ckpt/`` for this configuration: a checkpoint of another configuration is removed."""
-    ckpt_dir = ctx.out_dir / "ckpt"
-    stamp = ckpt_dir / "fingerprint.txt"
-    fp = fingerprint(ctx.cfg, ctx.stage.name)
-    if ckpt_dir.exists() and (ctx.force or not stamp.is_file()
-                              or stamp.read_text().strip() != fp):
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fp + "\n")
-    return ckpt_dir
+# The tuned model's last-position decoder outputs at the exit layers, per evaluation sample.
+HIDDEN = "hidden_{split}.pt"
+
+
+def exit_layers_to_record(cfg: DictConfig, model: Any) -> list[int]:
+    """``exits.layers`` that exist in ``model`` (the exit stage validates them itself)."""
+    from gcnee.llm.module import decoder_layers
+
+    depth = len(decoder_layers(model))
+    return sorted({int(x) for x in cfg.exits.layers if 1 <= int(x) <= depth})
+
+
+def save_hidden(path: Path, results: dict[str, np.ndarray], layers: list[int]) -> None:
+    """``{"sample_ids", "layers", "states" (n, len(layers), hidden) float32}`` for the exit
+    stage (nothing when no layer was recorded)."""
+    import torch
+
+    from gcnee.stages import atomic_path
+
+    if not layers or "hidden" not in results:
+        return
+    with atomic_path(path) as tmp:
+        torch.save({"sample_ids": [int(s) for s in results["sample_id"]], "layers": list(layers),
+                    "states": torch.from_numpy(np.ascontiguousarray(results["hidden"]))}, tmp)
 
 
 def _evaluate(trainer: L.Trainer, module: Any, dm: CTRDataModule) -> dict[str, dict]:
     trainer.validate(module, datamodule=dm, verbose=False)
     trainer.test(module, datamodule=dm, verbose=False)
-    return {s: {k: v.tolist() for k, v in module.results[s].items()} for s in EVAL_SPLITS}
+    return {s: {k: v.tolist() for k, v in module.results[s].items() if k != "hidden"}
+            for s in EVAL_SPLITS}
 
 
 def _untuned_cache(ctx: StageContext, dm: CTRDataModule) -> Path:
@@ -122,7 +136,7 @@ def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
 
 @register("llm", config_keys=["llm", "prompt", "eval.max_samples", "eval.val_max_samples",
                               "eval.bootstrap", "run.seed", *TRAINER_RESULT_KEYS],
-          requires=["data", "retriever"],
+          requires=["data", "retriever"], distributed=True,
           help="LoRA-tune the CTR LLM; AUC of tuned/untuned/simple scorers with 95% CIs")
 def run(ctx: StageContext) -> dict[str, Any]:
     from gcnee.data.tables import PreparedData
@@ -165,16 +179,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seconds["untuned_eval"] = time.time() - t0
 
     t0 = time.time()
-    ckpt_dir = _prepare_ckpt_dir(ctx)
-    last = ckpt_dir / "last.ckpt"
-    resume = str(last) if last.is_file() else None
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
+    checkpoint, resume = resumable_checkpoint(ctx, cfg.trainer.checkpoint_every_n_steps)
+    resumed_from = checkpoint_step(resume)
+    if resume and is_global_zero():
+        print(f"[gcnee] llm: resuming training from {resume} (step {resumed_from})")
     fit_trainer = build_trainer(cfg, fit=True, logger=logger, callbacks=[checkpoint])
     module.tag = "tuned"
     fit_trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    # A kill during the evaluation below must not redo the steps after the last periodic save.
+    fit_trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
     seconds["train"] = time.time() - t0
 
     t0 = time.time()
+    module.record_layers = exit_layers_to_record(cfg, model)
     tuned = _evaluate(build_trainer(cfg, fit=False, logger=logger), module, dm)
     seconds["tuned_eval"] = time.time() - t0
 
@@ -185,6 +202,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if zero:
         module.save_adapter(ctx.out_dir / "adapter")
         module.save_merged(ctx.out_dir / "merged", tokenizer)
+        for split in EVAL_SPLITS:
+            save_hidden(ctx.out_dir / HIDDEN.format(split=split), module.results[split],
+                        module.record_layers)
     seconds["export"] = time.time() - t0
     prepared = PreparedData.load(data_dir)
     metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -210,6 +230,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "truncated": dm.truncations(),
         "prompt_tokens": dm.lengths(),
         "final_train_loss": _last_loss(fit_trainer),
+        "resumed_from_step": resumed_from,
+        "global_step": int(fit_trainer.global_step),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "untuned_cached": bool(seconds["untuned_eval"] < 1.0),
     }

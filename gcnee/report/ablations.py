@@ -29,7 +29,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gcnee.config import ConfigError
-from gcnee.report.collect import collect_run, configured_row, full_row, is_global_zero, run_dir
+from gcnee.distributed import barrier, is_global_zero
+from gcnee.report.collect import collect_run, configured_row, full_row, run_dir
 from gcnee.stages import MARKER, fingerprint, run_pipeline, stage_status
 
 ABLATIONS = ("retrieval", "layers", "k", "llm_retriever")
@@ -127,15 +128,8 @@ def reuse_parent_stages(parent: DictConfig, child: DictConfig, stages: list[str]
         shutil.copytree(src, tmp)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
-    _barrier()
+    barrier()
     return copied
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def run_variant(cfg: DictConfig, v: Variant, execute: bool) -> dict[str, Any]:

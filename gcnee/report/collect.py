@@ -8,7 +8,6 @@ filled from whatever it wrote last. Each ``*_section`` function takes a stage's 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,6 @@ def run_dir(cfg: DictConfig) -> Path:
 def report_dir(cfg: DictConfig) -> Path:
     """``<run.logs_dir>/<run.name>``: where ``report.md`` and ``report.json`` go."""
     return Path(cfg.run.logs_dir) / str(cfg.run.name)
-
-
-def is_global_zero() -> bool:
-    """Rank zero of a (possibly) distributed run; True in a plain single process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    if int(os.environ.get("NODE_RANK", 0) or 0) != 0:
-        return False
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # torchrun / Lightning / SLURM set these
-        if os.environ.get(key) not in (None, ""):
-            return int(os.environ[key]) == 0
-    return True
 
 
 def fresh_ignoring_report_keys(cfg: DictConfig, name: str) -> tuple[bool, str]:

@@ -18,13 +18,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import gcnee.pipeline  # noqa: F401  (registers the stages reported on, before this one)
+from gcnee.distributed import is_global_zero
 from gcnee.report import ablations as abl
-from gcnee.report.collect import (
-    collect_run,
-    is_global_zero,
-    report_dir,
-    run_dir,
-)
+from gcnee.report.collect import collect_run, report_dir, run_dir
 from gcnee.report.render import render
 from gcnee.stages import StageContext, atomic_path, register, write_json
 
@@ -91,7 +87,7 @@ def find_report(run: str, logs_dir: str | Path = "logs") -> Path:
         f"--config <config>` (its last stage) or `gcnee report --config <config>`")
 
 
-@register("report", config_keys=REPORT_KEYS, always=True,
+@register("report", config_keys=REPORT_KEYS, always=True, distributed=True,
           help="logs/<run>/report.md + report.json: every stage's results, tables, ablations")
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg

@@ -142,3 +142,24 @@ def test_missing_outputs_name_the_stages_to_run(tiny_run, tmp_path, capsys):
                f"run.checkpoints_dir={tmp_path}/none", f"run.logs_dir={tmp_path}/logs"])
     assert rc == 1
     assert "--stages data,retriever,llm" in capsys.readouterr().err
+
+
+def test_bench_precision_compares_bf16_with_fp32(tiny_run):
+    import numpy as np
+
+    from gcnee.bench.precision import spearman
+    from gcnee.bench.run import run_one
+
+    assert spearman(np.array([0.1, 0.5, 0.3]), np.array([1.0, 9.0, 2.0])) == pytest.approx(1.0)
+    assert spearman(np.array([0.1, 0.5, 0.3]), np.array([3.0, 1.0, 2.0])) == pytest.approx(-1.0)
+    cfg, _, _ = tiny_run
+    res = run_one(cfg.copy(), "precision")  # bench.precision_samples=256 > the tiny test split
+    rows = {v["variant"]: v for v in res["variants"]}
+    assert list(rows) == ["fp32", "bf16 autocast", "bf16 weights"]
+    ref = rows["fp32"]
+    assert ref["max_abs_diff"] == 0 and ref["auc_diff"] == 0
+    assert ref["spearman"] == pytest.approx(1.0)
+    assert ref["speedup"] == pytest.approx(1.0)
+    for v in rows.values():
+        assert 0 <= v["max_abs_diff"] < 0.2 and v["rps"] > 0 and 0 <= v["auc"] <= 1
+    assert (run_dir(cfg).parent.parent / "logs" / "tiny" / "bench" / "precision.json").is_file()

@@ -10,6 +10,7 @@ from gcnee.llm.module import (
     CTRLLMModule,
     answer_loss,
     last_position_logits,
+    record_last_hidden,
     yes_probability,
 )
 
@@ -196,3 +197,31 @@ def test_checkpoint_keeps_only_trainable_weights(tok):
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_recorded_states_are_the_merged_models_exit_layer_states(tok):
+    """What the llm stage records while scoring equals what the exit stage would compute with
+    the merged model: so the exit stage can reuse it instead of a second pass."""
+    from gcnee.exits.scorer import last_hidden_states
+
+    yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
+    module = CTRLLMModule(make_tiny_llama(len(tok)), yes, no, llm_cfg(**{"lora.r": 4}))
+    perturb_lora(module)
+    texts = ["the user rated a good movie with 4 stars and a bad book with 1 star . " * 2,
+             "user A rated the item with 5 stars . will the user like it ?", "good"]
+    batch = batch_of(tok, texts)
+    module.record_layers = [1, 2, 4]
+    loader = DataLoader([{"input_ids": ids_of(tok, t), "label": i % 2, "sample_id": 10 + i}
+                         for i, t in enumerate(texts)], batch_size=2,
+                        collate_fn=lambda b: collate_left(b, tok.pad_token_id))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).test(module, loader, verbose=False)
+    got = module.results["test"]
+    assert got["sample_id"].tolist() == [10, 11, 12] and got["hidden"].shape == (3, 3, 32)
+    merged = module.merged_model()
+    ref = last_hidden_states(merged, batch["input_ids"], batch["attention_mask"], [1, 2, 4])
+    for j, layer in enumerate((1, 2, 4)):
+        assert torch.allclose(torch.from_numpy(got["hidden"][:, j]), ref[layer], atol=1e-5)
+    with record_last_hidden(module.model, []) as seen:  # nothing asked, nothing hooked
+        module.score(batch["input_ids"], batch["attention_mask"])
+    assert seen == {}
