@@ -73,3 +73,19 @@ def test_summarize_keys():
     assert "log_loss" not in out
     with pytest.raises(ValueError, match="differ in length"):
         auc([0, 1], [0.3])
+
+
+def test_auc_diff_ci_is_paired():
+    from gcnee.metrics import auc_diff_ci
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 2000)
+    a = y + rng.normal(0, 1.0, y.size)  # informative
+    b = a + rng.normal(0, 0.3, y.size)  # the same scorer, a little noisier
+    assert auc_diff_ci(y, a, a, n_boot=200) == (0.0, 0.0, 0.0)
+    d, lo, hi = auc_diff_ci(y, a, b, n_boot=500)
+    assert d == pytest.approx(auc(y, a) - auc(y, b)) and lo < d < hi
+    assert lo > 0  # paired: the small, consistent gap is resolved...
+    _, la, ha = auc_ci(y, a, n_boot=500)
+    _, lb, hb = auc_ci(y, b, n_boot=500)
+    assert la < hb  # ...although the two separate intervals overlap

@@ -136,7 +136,13 @@ def test_retrieval_ablation_runs_a_sibling_and_fills_table4(fitted, tmp_path, ca
     tallrec = next(r for r in rep["table2"] if r["model"] == "TALLRec")
     assert tallrec["metrics"]["auc"] == noretr["auc"] and "tiny-noretr" in tallrec["source"]
     assert read_json(sibling / "retriever" / "_SUCCESS.json")["config"]["retriever.kind"] == "none"
-    assert "### Table 4" in (tmp_path / "logs" / "tiny" / "report.md").read_text()
+    md = (tmp_path / "logs" / "tiny" / "report.md").read_text()
+    assert "### Table 4" in md and "(paired bootstrap)" in md
+    gain = rep["ablations"]["retrieval_gain"]
+    gcn = read_json(fitted.run / "llm" / "summary.json")["metrics"]["test"]["tuned"]
+    assert gain["n"] == gcn["n"] == noretr["n"]
+    assert gain["auc_diff"] == pytest.approx(gcn["auc"] - noretr["auc"])
+    assert gain["lo"] <= gain["auc_diff"] <= gain["hi"]
     # Again: the sibling's stages are cached.
     run_pipeline(cfg, ["report"], force=True)
     out = capsys.readouterr().out

@@ -239,6 +239,41 @@ def table4(cfg: DictConfig, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def read_tuned_scores(folder: Path) -> dict[int, tuple[int, float]] | None:
+    """``{sample_id: (label, tuned P(yes))}`` from an llm stage's ``scores_test.csv``."""
+    import csv
+
+    path = folder / "llm" / "scores_test.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return {int(r["sample_id"]): (int(r["label"]), float(r["tuned"]))
+                for r in csv.DictReader(f)}
+
+
+def paired_gain(cfg: DictConfig, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Tuned test AUC with retrieval minus without, on the same samples: paired bootstrap CI
+    (tighter than comparing the two runs' own intervals). None unless both runs scored the
+    same test samples."""
+    from gcnee.metrics import auc_diff_ci
+
+    pair = [runs[0]] + [r for r in runs[1:] if r["ablation"] == "retrieval"]
+    with_r = next((r for r in pair if r["kind"] != "none"), None)
+    without = next((r for r in pair if r["kind"] == "none"), None)
+    if with_r is None or without is None:
+        return None
+    base = Path(cfg.run.checkpoints_dir)
+    a, b = read_tuned_scores(base / with_r["run"]), read_tuned_scores(base / without["run"])
+    if not a or not b or sorted(a) != sorted(b):
+        return None
+    ids = sorted(a)
+    y = [a[i][0] for i in ids]
+    d, lo, hi = auc_diff_ci(y, [a[i][1] for i in ids], [b[i][1] for i in ids],
+                            n_boot=int(cfg.eval.bootstrap), seed=int(cfg.run.seed))
+    return {"with": with_r["run"], "without": without["run"], "kind": with_r["kind"],
+            "auc_diff": d, "lo": lo, "hi": hi, "n": len(ids)}
+
+
 def table3(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """LightGCN layer average vs last layer: the tuned LLM's test AUC."""
     main = runs[0]

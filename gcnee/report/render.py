@@ -128,6 +128,11 @@ def ablations_md(a: dict[str, Any]) -> str:
         parts += ["### Table 4: retriever × early exit", "",
                   markdown_table(["retriever", "early exit", "test AUC [95% CI]", "RPS",
                                   "mean exit layer", "run"], body, "llrrrl"), ""]
+        g = a.get("retrieval_gain")
+        if g:
+            parts += [f"Tuned LLM with {g['kind']} retrieval minus without, on the same "
+                      f"{g['n']:,} test samples (paired bootstrap): {g['auc_diff']:+.4f} "
+                      f"[{g['lo']:+.4f}, {g['hi']:+.4f}].", ""]
     if a.get("table3"):
         body = [[r["layers_mode"], _auc(r["metrics"]), f"`{r['run']}`"] for r in a["table3"]]
         parts += ["### Table 3: LightGCN layer average vs last layer", "",

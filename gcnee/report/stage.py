@@ -45,6 +45,7 @@ def build_report(cfg: DictConfig, execute: bool = True) -> dict[str, Any]:
     ablations: dict[str, Any] = {"requested": requested, "notes": notes, "siblings": siblings}
     if "retrieval" in requested:
         ablations["table4"] = abl.table4(cfg, runs)
+        ablations["retrieval_gain"] = abl.paired_gain(cfg, runs)
     if "layers" in requested:
         ablations["table3"] = abl.table3(runs)
     if "k" in requested:
