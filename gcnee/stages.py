@@ -129,11 +129,25 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def upstream_stages(name: str) -> list[str]:
+    """Every stage ``name`` depends on, directly or not: direct requirements first, in order."""
+    out: list[str] = []
+    todo = list(STAGES[name].requires)
+    while todo:
+        r = todo.pop(0)
+        if r not in out:
+            out.append(r)
+            todo += STAGES[r].requires
+    return out
+
+
 def fingerprint(cfg: DictConfig, name: str) -> str:
-    """Hash of a stage's config keys and, recursively, of its upstream stages."""
+    """Hash of a stage's config keys, then 4 characters of the hash of every stage it depends on,
+    directly or not (a retriever change must reach the exit stage through the llm stage)."""
     st = STAGES[name]
-    ups = [fingerprint(cfg, r) for r in st.requires]
-    return section_fingerprint(cfg, st.config_keys) + "".join(u[:4] for u in ups)
+    own = section_fingerprint(cfg, st.config_keys)
+    return own + "".join(section_fingerprint(cfg, STAGES[r].config_keys)[:4]
+                         for r in upstream_stages(name))
 
 
 def stage_status(cfg: DictConfig, name: str) -> tuple[bool, str]:

@@ -122,7 +122,7 @@ def test_retrieval_ablation_runs_a_sibling_and_fills_table4(fitted, tmp_path, ca
     llm_marker = (fitted.run / "llm" / "_SUCCESS.json").stat().st_mtime
     run_pipeline(cfg, ["report"])
     sibling = fitted.root / "ck" / "tiny-noretr"
-    assert "reuses stage(s) data" in capsys.readouterr().out
+    assert "reuses stage(s) data of 'tiny'" in capsys.readouterr().out  # not exits
     assert read_json(sibling / "data" / "_SUCCESS.json") == read_json(
         fitted.run / "data" / "_SUCCESS.json")  # copied, not recomputed
     assert (fitted.run / "llm" / "_SUCCESS.json").stat().st_mtime == llm_marker

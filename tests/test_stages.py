@@ -93,6 +93,28 @@ def test_upstream_change_reruns_downstream(toy, capsys):
     assert calls == [up, down, up, down]  # both up to date now
 
 
+def test_a_change_two_stages_up_reruns_the_third(toy):
+    """up -> down -> last: a change of up's keys must reach last, which reads only down."""
+    up, down, calls, cfg = toy
+    last = f"{down}_last"
+
+    @register(last, config_keys=["prompt.examples_per_user"], requires=[down])
+    def run_last(ctx):
+        calls.append(last)
+        return {}
+
+    try:
+        assert stages.upstream_stages(last) == [down, up]
+        run_pipeline(cfg(), [up, down, last])
+        assert stages.stage_status(cfg(), last)[0]
+        assert not stages.stage_status(cfg("data.max_history=9"), last)[0]
+        run_pipeline(cfg("data.max_history=9"), [up, down, last])
+        assert calls == [up, down, last, up, down, last]
+    finally:
+        stages.STAGES.pop(last)
+        stages.ORDER.remove(last)
+
+
 def test_downstream_needs_finished_upstream(toy):
     up, down, calls, cfg = toy
     with pytest.raises(StageError, match=f"needs the output of stage '{up}'"):
