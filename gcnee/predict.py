@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 
 from gcnee.data.samples import user_order
 from gcnee.data.tables import PreparedData, Sample
+from gcnee.training import autocast_dtype
 
 
 class RequestError(ValueError):
@@ -132,7 +133,8 @@ class Predictor:
                                  "the exit stage's trained heads (or use --full-depth)", "exits")
             heads = load_heads(heads_path, model)
         self.scorer = EarlyExitScorer(model, heads, answer_ids=answer_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      autocast=autocast_dtype(cfg.trainer.precision))
         self._warm = False  # the first forward pays one-time costs: kept out of latency_ms
 
     # -- requests ------------------------------------------------------------------------------

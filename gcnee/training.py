@@ -41,6 +41,20 @@ def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logg
     return L.Trainer(**kwargs)
 
 
+def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
+    """The autocast dtype Lightning uses for ``trainer.precision`` (None: no autocast).
+
+    Code that scores outside Lightning's loops (exit sweeps, ``gcnee predict``, benches) wraps
+    its forwards in the same autocast, so its speed and scores match the stage's own.
+    """
+    p = str(precision)
+    if p in ("bf16-mixed", "bf16"):
+        return torch.bfloat16
+    if p in ("16-mixed", "16"):
+        return torch.float16
+    return None
+
+
 def resumable_checkpoint(ctx: Any, every_n_steps: int | None) -> tuple[ModelCheckpoint, str | None]:
     """The stage's ``ckpt/last.ckpt`` callback and the checkpoint to resume from (or None).
 

@@ -206,12 +206,14 @@ def bench_exit(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     from gcnee.bench.report import load_average, machine_info
     from gcnee.exits.scorer import EarlyExitScorer
     from gcnee.stages import write_json
+    from gcnee.training import autocast_dtype
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
     model, tokenizer, heads = load_tuned_with_heads(cfg)
     dm = load_datamodule(cfg, tokenizer)
     requests = eval_requests(dm, int(cfg.bench.requests))
-    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id)
+    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id,
+                             autocast=autocast_dtype(cfg.trainer.precision))
     result = {"machine": machine_info(), "run": str(cfg.run.name)}
     result.update(bench_early_exit(scorer, requests, list(cfg.bench.batch_sizes),
                                    bench_rules(cfg), int(cfg.bench.repeats),

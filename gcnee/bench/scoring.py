@@ -142,13 +142,15 @@ def bench_scoring(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]
     from gcnee.bench.report import load_average, machine_info
     from gcnee.exits.scorer import EarlyExitScorer
     from gcnee.stages import write_json
+    from gcnee.training import autocast_dtype
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
     model, tokenizer, heads = load_tuned_with_heads(cfg)
     dm = load_datamodule(cfg, tokenizer)
     requests = eval_requests(dm, int(cfg.bench.requests))
     yes_id, no_id = (int(x) for x in heads.answer_ids.tolist())
-    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id)
+    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id,
+                             autocast=autocast_dtype(cfg.trainer.precision))
     bs = cfg.bench.scoring_batch_size
     bs = int(cfg.eval.batch_size if bs is None else bs)
     result = {"machine": machine_info(), "run": str(cfg.run.name)}

@@ -73,11 +73,15 @@ class EarlyExitScorer:
         answer_ids: ``(yes_id, no_id)``; defaults to ``heads.answer_ids``.
         pad_token_id: id used for padding in :meth:`score_requests` (masked, so any valid id
             works); defaults to the model config's, else 0.
+        autocast: run the decoder under ``torch.autocast`` with this dtype (``torch.bfloat16``
+            for ``trainer.precision=bf16-mixed``; see :func:`gcnee.training.autocast_dtype`);
+            None = the weights' own dtype. Head probabilities are always float32.
     """
 
     def __init__(self, model: nn.Module, heads: ExitHeads,
                  answer_ids: Sequence[int] | None = None,
-                 pad_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         inner = getattr(model, "model", None)
         for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(inner, name):
@@ -101,6 +105,7 @@ class EarlyExitScorer:
         if pad_token_id is None:
             pad_token_id = getattr(self.config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+        self.autocast = autocast
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -204,7 +209,9 @@ class EarlyExitScorer:
         self.model.eval()
         self.heads.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(
+                    self.device.type, dtype=self.autocast or torch.bfloat16,
+                    enabled=self.autocast is not None):
                 return self._loop(ids, am, self._points(mode), rule, compact, mode == "full")
         finally:
             self.model.train(was[0])

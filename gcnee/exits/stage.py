@@ -25,7 +25,12 @@ import gcnee.llm.stage  # noqa: F401  (registers "llm" and its upstream stages f
 from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
 from gcnee.stages import MARKER, StageContext, StageError, atomic_path, register, write_json
-from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
+from gcnee.training import (
+    autocast_dtype,
+    checkpoint_step,
+    resumable_checkpoint,
+    trainer_from_config,
+)
 
 
 def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
@@ -189,7 +194,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     test = dm.datasets["test"]
     # The exit stage's recorded head probabilities, when they are for the same test samples.
     probs = load_head_probs(run_dir / "exits" / HEAD_PROBS, test.sample_ids, heads.layers)
-    result = run_sweep(EarlyExitScorer(model, heads), test.input_ids, test.labels, cfg.eval,
+    scorer = EarlyExitScorer(model, heads, autocast=autocast_dtype(cfg.trainer.precision))
+    result = run_sweep(scorer, test.input_ids, test.labels, cfg.eval,
                        seed=int(cfg.run.seed), head_probs=probs)
     out = Path(cfg.run.logs_dir) / cfg.run.name / "evaluate"
     write_sweep(result, out)

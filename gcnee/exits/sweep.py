@@ -33,6 +33,7 @@ from gcnee.exits.rules import ExitRule, make_rule, replay
 from gcnee.exits.scorer import EarlyExitScorer
 from gcnee.metrics import auc_ci
 from gcnee.stages import atomic_path, write_json
+from gcnee.training import autocast_dtype
 
 COLUMNS = ["row", "rule", "tau", "m", "auc", "auc_lo", "auc_hi", "rps", "speedup",
            "mean_exit_layer", "n_auc", "n_rps", "seconds"]
@@ -272,7 +273,8 @@ class ThresholdSweepCallback(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads)
+        scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads,
+                                 autocast=autocast_dtype(trainer.precision))
         probs = self._recorded_probs(trainer, pl_module)
         if probs is not None and self.sample_ids is not None:
             save_head_probs(self.out_dir / HEAD_PROBS, probs, self.sample_ids,

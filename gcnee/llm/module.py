@@ -142,6 +142,7 @@ class CTRLLMModule(L.LightningModule):
         self.lr, self.weight_decay = float(llm_cfg.lr), float(llm_cfg.weight_decay)
         self.warmup_ratio = float(llm_cfg.warmup_ratio)
         self.tag = "tuned"
+        self.lora_merged = False  # True while evaluation runs on merged weights
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from disk.
         self.strict_loading = False
         self.eval_metrics = torch.nn.ModuleDict({
@@ -211,6 +212,32 @@ class CTRLLMModule(L.LightningModule):
                   if self.record_layers else None)
         self._outputs[split].append((batch["sample_id"].cpu().numpy(),
                                      probs.float().cpu().numpy(), labels.cpu().numpy(), hidden))
+
+    def _merge_lora(self, merge: bool) -> None:
+        # Evaluation runs on the merged weights W + s·BA: the unmerged adapter path adds two
+        # small matmuls, dtype casts and an add to each of the 7 x 30 adapted projections, which
+        # on a CPU costs more than the projections themselves under bf16 autocast. Quantized
+        # bases keep the unmerged path (merging into 4/8-bit weights is lossy).
+        tuner = getattr(self.model, "base_model", None)
+        if not hasattr(tuner, "merge_adapter") or getattr(tuner.model, "hf_quantizer", None):
+            return
+        if merge and not self.lora_merged:
+            tuner.merge_adapter()
+        elif not merge and self.lora_merged:
+            tuner.unmerge_adapter()
+        self.lora_merged = merge
+
+    def on_validation_start(self) -> None:
+        self._merge_lora(True)
+
+    def on_validation_end(self) -> None:
+        self._merge_lora(False)
+
+    def on_test_start(self) -> None:
+        self._merge_lora(True)
+
+    def on_test_end(self) -> None:
+        self._merge_lora(False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -225,3 +225,35 @@ def test_recorded_states_are_the_merged_models_exit_layer_states(tok):
     with record_last_hidden(module.model, []) as seen:  # nothing asked, nothing hooked
         module.score(batch["input_ids"], batch["attention_mask"])
     assert seen == {}
+
+
+def test_evaluation_merges_lora_and_restores_it(tok):
+    """validate/test score on W + s·BA merged in (faster), with the unmerged path's scores, and
+    leave the adapter unmerged so training continues on the same weights."""
+    yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
+    module = CTRLLMModule(make_tiny_llama(len(tok), seed=5), yes, no, llm_cfg(**{"lora.r": 4}))
+    perturb_lora(module, seed=1)
+    texts = ["the user rated a good movie with 4 stars . Answer :", "a bad book ?", "good"]
+    batch = batch_of(tok, texts)
+    unmerged = module.eval().score(batch["input_ids"], batch["attention_mask"])
+    before = {n: p.clone() for n, p in module.model.named_parameters()}
+    seen_merged = []
+    forward = module.forward
+
+    def spy(*args, **kw):
+        seen_merged.append(module.lora_merged)
+        return forward(*args, **kw)
+
+    module.forward = spy
+    loader = DataLoader([{"input_ids": ids_of(tok, t), "label": i % 2, "sample_id": i}
+                         for i, t in enumerate(texts)], batch_size=3,
+                        collate_fn=lambda b: collate_left(b, tok.pad_token_id))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.validate(module, loader, verbose=False)
+    assert seen_merged == [True]
+    assert torch.allclose(torch.as_tensor(module.results["val"]["score"]).float(), unmerged,
+                          atol=1e-5)
+    assert not module.lora_merged
+    after = dict(module.model.named_parameters())
+    assert all(torch.allclose(after[n], p, atol=1e-6) for n, p in before.items())
