@@ -9,6 +9,7 @@
     gcnee evaluate --config FILE [key=value ...]
     gcnee bench scale [--config FILE] [key=value ...]
     gcnee report RUN | gcnee report --config FILE [key=value ...]
+    gcnee compare RUN [RUN ...] [--split val|test]
     gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
 """
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--config", "-c", default=None, help="rebuild logs/<run>/report.md")
     rep.add_argument("args", nargs="*", help="RUN, or with --config: overrides key=value")
     rep.add_argument("--logs-dir", default="logs", help="where RUN is looked up (run.logs_dir)")
+    cmp_ = sub.add_parser("compare", help="llm stages of several runs on the same samples: "
+                          "AUC and paired difference to the first run")
+    cmp_.add_argument("runs", nargs="+", help="run names (checkpoints/<run>/llm)")
+    cmp_.add_argument("--split", choices=["val", "test"], default="val")
+    cmp_.add_argument("--checkpoints-dir", default="checkpoints", help="run.checkpoints_dir")
+    cmp_.add_argument("--bootstrap", type=int, default=1000, help="resamples (eval.bootstrap)")
     pred = sub.add_parser("predict", help="score JSON-lines (user, item) requests with a run")
     _add_config_args(pred)
     pred.add_argument("--input", "-i", required=True, help="requests, one JSON object a line")
@@ -160,6 +167,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         return _report(args)
+    if args.command == "compare":
+        from gcnee.report.compare import compare_runs, format_compare
+
+        rows = compare_runs(args.runs, args.checkpoints_dir, args.split, args.bootstrap)
+        print(format_compare(rows, args.split))
+        return 0
     if args.command == "predict":
         from gcnee.predict import predict_file
 

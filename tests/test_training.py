@@ -1,0 +1,45 @@
+"""gcnee.training: autocast dtypes and the warning for bf16 on CPUs that emulate it."""
+
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import gcnee.training as training
+from gcnee.config import TrainerConfig
+
+
+def test_autocast_dtype_follows_lightning_precision_names():
+    assert training.autocast_dtype("bf16-mixed") is torch.bfloat16
+    assert training.autocast_dtype("16-mixed") is torch.float16
+    for p in ("32-true", "32", 32, "bf16-true", None):
+        assert training.autocast_dtype(p) is None
+
+
+def test_cpu_bf16_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert training.cpu_has_native_bf16(str(info)) is True
+    info.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert training.cpu_has_native_bf16(str(info)) is False
+    assert training.cpu_has_native_bf16(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("native, warns", [(False, True), (True, False), (None, False)])
+def test_bf16_on_cpu_without_native_support_warns_once(monkeypatch, native, warns):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(training, "_warned_bf16", False)
+    cfg = OmegaConf.structured(TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        training.trainer_from_config(cfg)
+        training.trainer_from_config(cfg)
+    hits = [w for w in caught if "emulated" in str(w.message)]
+    assert len(hits) == (1 if warns else 0)
+    fp32 = OmegaConf.structured(TrainerConfig(accelerator="cpu", precision="32-true"))
+    monkeypatch.setattr(training, "_warned_bf16", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        training.trainer_from_config(fp32)
+    assert not [w for w in caught if "emulated" in str(w.message)]
