@@ -47,3 +47,22 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     marker = (run / "llm" / "_SUCCESS.json").stat().st_mtime
     assert main(args) == 0
     assert (run / "llm" / "_SUCCESS.json").stat().st_mtime == marker
+
+
+def test_fit_under_bf16_mixed_on_cpu(tmp_path, tiny_model_dir):
+    """configs/ml100k.yaml runs with trainer.precision=bf16-mixed on the CPU: every stage must
+    work under it (LightGCN's sparse matmul and the baselines stay float32), and the exit
+    sweep scores under the same autocast as the llm stage (same full-depth AUC)."""
+    args = ["fit", "--config", "configs/tiny.yaml", f"run.checkpoints_dir={tmp_path}/ck",
+            f"run.logs_dir={tmp_path}/logs", f"llm.model={tiny_model_dir}",
+            "trainer.precision=bf16-mixed", "baselines.models=[deepfm,din,gru4rec,sim]",
+            "baselines.epochs=1"]
+    assert main(args) == 0
+    run = tmp_path / "ck" / "tiny"
+    llm = json.loads((run / "llm" / "summary.json").read_text())
+    sweep = json.loads((run / "exits" / "sweep.json").read_text())
+    full = next(r for r in sweep["rows"] if r["row"] == "full depth")
+    assert abs(full["auc"] - llm["metrics"]["test"]["tuned"]["auc"]) < 1e-6
+    assert all(r.get("replay_mismatches", 0) == 0 for r in sweep["rows"])
+    base = json.loads((run / "baselines" / "summary.json").read_text())
+    assert sorted(base["models"]) == ["deepfm", "din", "gru4rec", "sim"]

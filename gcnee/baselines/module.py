@@ -113,6 +113,9 @@ def fit_baseline(model: nn.Module, train: dict[str, torch.Tensor], val: dict[str
     trainer = trainer_from_config(
         trainer_cfg, max_epochs=int(cfg.epochs), logger=logger,
         callbacks=[checkpoint, stopping], devices=1, strategy="auto", num_nodes=1,
+        # float32 whatever trainer.precision (set for the LLM) says: these models are small,
+        # and Dice's running statistics are float32 buffers.
+        precision="32-true",
         log_every_n_steps=min(int(trainer_cfg.log_every_n_steps), steps))
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)

@@ -163,15 +163,19 @@ class LightGCNRetriever(nn.Module):
 
     def forward(self, adj: torch.Tensor) -> torch.Tensor:
         """(N, d) combined node embeddings ``Σ_k α_k E^(k)`` for the normalised ``adj``."""
-        return self.gcn.get_embedding(adj)
+        # float32 whatever trainer.precision says: there are no bf16/fp16 sparse CSR matmul
+        # kernels on the CPU, and this small model gains nothing from them elsewhere.
+        with torch.autocast(adj.device.type, enabled=False):
+            return self.gcn.get_embedding(adj)
 
     def layer_embeddings(self, adj: torch.Tensor) -> torch.Tensor:
         """(K+1, N, d) ``E^(0) .. E^(K)``, each layer through PyG's ``LGConv``."""
         x = self.gcn.embedding.weight
         layers = [x]
-        for conv in self.gcn.convs:
-            x = conv(x, adj)
-            layers.append(x)
+        with torch.autocast(adj.device.type, enabled=False):  # float32, as in forward
+            for conv in self.gcn.convs:
+                x = conv(x, adj)
+                layers.append(x)
         return torch.stack(layers)
 
     def split(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
