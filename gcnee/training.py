@@ -8,6 +8,7 @@ and callbacks. Checkpointing is on exactly when a ``ModelCheckpoint`` is among t
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,6 @@ def _warn_slow_cpu_bf16(trainer: L.Trainer) -> None:
     if trainer.strategy.root_device.type != "cpu" or cpu_has_native_bf16() is not False:
         return
     _warned_bf16 = True
-    import warnings
-
     warnings.warn(f"trainer.precision={trainer.precision} on a CPU without AVX-512 BF16 or "
                   "AMX: bf16 is emulated there and slower than fp32; set "
                   "trainer.precision=32-true", stacklevel=3)
