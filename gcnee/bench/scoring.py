@@ -14,7 +14,9 @@ Every path scores the *same* left-padded batches (requests sorted by length, lon
   output_scores=True, return_dict_in_generate=True)``, softmax over the vocabulary, then the
   two answer columns renormalised (TALLRec-style).
 
-All give the same P(yes) up to float rounding (``max_abs_diff`` against the baseline).
+All give the same P(yes) up to float rounding (``max_abs_diff`` against the baseline). Every
+path runs under the same autocast (``trainer.precision``: bf16-mixed -> bf16), so the paths differ
+only in what they compute, not in precision.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def all_positions_yes_probability(model: Any, input_ids: torch.Tensor,
 
 def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int]],
                         batch_size: int, yes_id: int, no_id: int, pad_id: int,
-                        repeats: int = 3) -> dict[str, Any]:
+                        repeats: int = 3, autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Time every path (module docstring) on the same batches; scores compared to the baseline.
 
     Returns ``{"paths": [{"path", "rps", "speedup_vs_generate", "speedup_vs_generate_cpu",
@@ -100,11 +102,14 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     n = len(requests)
     device = next(model.parameters()).device
 
-    def run(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], Any]:
+    def run(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            some: list | None = None) -> Callable[[], Any]:
         def go() -> torch.Tensor:
             out = torch.empty(n)
-            for ids, am, idx in batches:
-                out[idx] = fn(ids.to(device), am.to(device)).float().cpu()
+            with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                enabled=autocast is not None):
+                for ids, am, idx in batches if some is None else some:
+                    out[idx] = fn(ids.to(device), am.to(device)).float().cpu()
             return out
         return go
 
@@ -116,9 +121,8 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
             lambda i, a: all_positions_yes_probability(model, i, a, yes_id, no_id),
         BASELINE: lambda i, a: generate_yes_probability(model, i, a, yes_id, no_id, pad_id),
     }
-    ids0, am0, _ = batches[0]
     for fn in fns.values():  # warm-up: one batch through every path
-        fn(ids0.to(device), am0.to(device))
+        run(fn, batches[:1])()
     paths = {name: run(fn) for name, fn in fns.items()}
     seconds, cpu, results = interleaved(paths, repeats)
     base = results[BASELINE]
@@ -130,6 +134,7 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     return {"paths": rows, "n_requests": n, "batch_size": int(batch_size),
             "mean_prompt_tokens": float(np.mean([len(r) for r in requests])),
             "repeats": int(repeats), "baseline": BASELINE,
+            "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
             "speedup": rows[0]["speedup_vs_generate"],
             "speedup_cpu": rows[0]["speedup_vs_generate_cpu"],
             "max_abs_diff": max(r["max_abs_diff"] for r in rows)}
@@ -155,7 +160,8 @@ def bench_scoring(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]
     bs = int(cfg.eval.batch_size if bs is None else bs)
     result = {"machine": machine_info(), "run": str(cfg.run.name)}
     result.update(bench_scoring_paths(model, scorer, requests, bs, yes_id, no_id,
-                                      int(tokenizer.pad_token_id), int(cfg.bench.repeats)))
+                                      int(tokenizer.pad_token_id), int(cfg.bench.repeats),
+                                      autocast=autocast_dtype(cfg.trainer.precision)))
     result["load_average_end"] = load_average()
     write_json(out / "scoring.json", result)
     return result
