@@ -21,8 +21,9 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from gcnee.precision import float32_linear
 
 HEAD_KINDS = ("full", "answer")
 INIT_KINDS = ("random", "copy")
@@ -166,16 +167,17 @@ class ExitHeads(nn.Module):
     def answer_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``(..., hidden)`` hidden states after decoder layer ``layer`` -> ``(..., 2)`` [yes, no].
 
-        Only the two answer rows are multiplied (a 2 x hidden matmul), whatever ``head`` is.
+        Only the two answer rows are multiplied (a 2 x hidden matmul), whatever ``head`` is; in
+        float32 under any autocast (:func:`gcnee.precision.float32_linear`).
         """
         key = str(int(layer))
         self.head_index(layer)
         proj = self.projs[key]
-        x = self.norms[key](h).to(proj.weight.dtype)
+        x = self.norms[key](h)
         if proj.out_features == 2:
-            return proj(x)
+            return float32_linear(x, proj.weight, proj.bias)
         bias = proj.bias[self.answer_ids] if proj.bias is not None else None
-        return F.linear(x, proj.weight[self.answer_ids], bias)
+        return float32_linear(x, proj.weight[self.answer_ids], bias)
 
     def prob_yes(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``(..., hidden)`` -> ``(...)`` P(yes) = softmax over the two answer logits (float32)."""
@@ -194,7 +196,7 @@ class ExitHeads(nn.Module):
                 "it is not trained"
             )
         proj = self.projs[key]
-        return proj(self.norms[key](h).to(proj.weight.dtype))
+        return float32_linear(self.norms[key](h), proj.weight, proj.bias)
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.answer_logits(layer, h)

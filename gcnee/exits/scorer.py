@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from gcnee.exits.heads import ExitHeads
 from gcnee.exits.rules import ExitRule, make_rule
+from gcnee.precision import float32_linear
 
 MODES = ("exit", "full", "all")
 
@@ -183,10 +183,9 @@ class EarlyExitScorer:
             b = lm_head.bias
 
             def own(x: torch.Tensor) -> torch.Tensor:
-                x = self.lm.norm(x).to(w.dtype)
-                logits = F.linear(x, w[self.answer_ids], b[self.answer_ids] if b is not None
-                                  else None)
-                return torch.softmax(logits.float(), dim=-1)[:, 0]
+                logits = float32_linear(self.lm.norm(x), w[self.answer_ids],
+                                        b[self.answer_ids] if b is not None else None)
+                return torch.softmax(logits, dim=-1)[:, 0]
 
             return [_Point(self.num_layers, own)]
         return [_Point(layer, lambda x, layer=layer: self.heads.prob_yes(layer, x))

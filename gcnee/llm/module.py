@@ -29,19 +29,26 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from gcnee.precision import float32_linear
+
 LOSSES = ("vocab", "binary")
 
 
 def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) at the last position of left-padded ``input_ids`` (B, T).
+    """Float32 logits (B, V) at the last position of left-padded ``input_ids`` (B, T).
 
-    Position ids count only real tokens (pads get 0), so left padding does not shift them.
+    Position ids count only real tokens (pads get 0), so left padding does not shift them. The
+    decoder runs under whatever autocast is active; the output head in float32
+    (:func:`gcnee.precision.float32_linear`).
     """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=1, use_cache=False)
-    return out.logits[:, -1, :]
+    # The decoder stack (LoRA layers included: peft injects them into its modules), final norm.
+    out = base.model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, use_cache=False)
+    head = base.get_output_embeddings()
+    return float32_linear(out.last_hidden_state[:, -1], head.weight, head.bias)
 
 
 def answer_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
