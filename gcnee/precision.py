@@ -1,6 +1,9 @@
-"""Numerics under mixed precision that must not follow autocast."""
+"""Mixed precision: the autocast dtype of ``trainer.precision``, whether the CPU has native
+bf16, and the numerics that must not follow autocast."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,3 +20,26 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor,
     """
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
+    """The autocast dtype Lightning uses for ``trainer.precision`` (None: no autocast).
+
+    Code that scores outside Lightning's loops (exit sweeps, ``gcnee predict``, benches) wraps
+    its forwards in the same autocast, so its speed and scores match the stage's own.
+    """
+    p = str(precision)
+    if p in ("bf16-mixed", "bf16"):
+        return torch.bfloat16
+    if p in ("16-mixed", "16"):
+        return torch.float16
+    return None
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX); None: unknown."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))

@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 
 from gcnee.data.samples import user_order
 from gcnee.data.tables import PreparedData, Sample
-from gcnee.training import autocast_dtype
+from gcnee.precision import autocast_dtype
 
 
 class RequestError(ValueError):

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gcnee.distributed import is_global_zero
+from gcnee.precision import autocast_dtype, cpu_has_native_bf16
 
 
 def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logger: Any = None,
@@ -44,15 +45,6 @@ def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logg
     return trainer
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
-    """Whether the CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX); None: unknown."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
 _warned_bf16 = False
 
 
@@ -68,20 +60,6 @@ def _warn_slow_cpu_bf16(trainer: L.Trainer) -> None:
     warnings.warn(f"trainer.precision={trainer.precision} on a CPU without AVX-512 BF16 or "
                   "AMX: bf16 is emulated there and slower than fp32; set "
                   "trainer.precision=32-true", stacklevel=3)
-
-
-def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
-    """The autocast dtype Lightning uses for ``trainer.precision`` (None: no autocast).
-
-    Code that scores outside Lightning's loops (exit sweeps, ``gcnee predict``, benches) wraps
-    its forwards in the same autocast, so its speed and scores match the stage's own.
-    """
-    p = str(precision)
-    if p in ("bf16-mixed", "bf16"):
-        return torch.bfloat16
-    if p in ("16-mixed", "16"):
-        return torch.float16
-    return None
 
 
 def resumable_checkpoint(ctx: Any, every_n_steps: int | None) -> tuple[ModelCheckpoint, str | None]:

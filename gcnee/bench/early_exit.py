@@ -205,8 +205,8 @@ def bench_exit(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     from gcnee.bench.inputs import eval_requests, load_datamodule, load_tuned_with_heads
     from gcnee.bench.report import load_average, machine_info
     from gcnee.exits.scorer import EarlyExitScorer
+    from gcnee.precision import autocast_dtype
     from gcnee.stages import write_json
-    from gcnee.training import autocast_dtype
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
     model, tokenizer, heads = load_tuned_with_heads(cfg)

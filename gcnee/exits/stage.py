@@ -24,13 +24,9 @@ from omegaconf import DictConfig
 import gcnee.llm.stage  # noqa: F401  (registers "llm" and its upstream stages first)
 from gcnee.config import TRAINER_RESULT_KEYS
 from gcnee.exits.heads import ExitHeads
+from gcnee.precision import autocast_dtype
 from gcnee.stages import MARKER, StageContext, StageError, atomic_path, register, write_json
-from gcnee.training import (
-    autocast_dtype,
-    checkpoint_step,
-    resumable_checkpoint,
-    trainer_from_config,
-)
+from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
 
 
 def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,

@@ -35,8 +35,8 @@ import torch
 from gcnee.exits.rules import ExitRule, make_rule, replay
 from gcnee.exits.scorer import EarlyExitScorer
 from gcnee.metrics import auc_ci
+from gcnee.precision import autocast_dtype
 from gcnee.stages import atomic_path, write_json
-from gcnee.training import autocast_dtype
 
 COLUMNS = ["row", "rule", "tau", "m", "auc", "auc_lo", "auc_hi", "rps", "speedup",
            "mean_exit_layer", "n_auc", "n_rps", "seconds"]
