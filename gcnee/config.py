@@ -114,6 +114,13 @@ class LLMConfig:
     # Cap on the few-shot samples tuned on (seeded subset; null = all of data.few_shot_*), so
     # the training budget can change without rerunning the data and retriever stages.
     max_train_samples: int | None = None
+    # Attention kernel: auto = eager on CPU (measured faster than torch's SDPA for these short
+    # prompts, in training most: README "Benchmarks"), transformers' default (sdpa) on GPU; or
+    # eager | sdpa | flash_attention_2.
+    attention: str = "auto"
+    # Run the prompt prefix all rows of a batch share once (gcnee/llm/shared_prefix.py): true,
+    # false, or auto = on CPU only (on GPU the extra small forward is not measured to pay).
+    share_prefix: str = "auto"
 
 
 @dataclass

@@ -118,7 +118,7 @@ class Predictor:
         self._user_rows = {str(inter.user[order[starts[u]]]): order[starts[u]:starts[u + 1]]
                            for u in range(len(starts) - 1)}
 
-        model, self.tokenizer = load_tuned(llm_dir)
+        model, self.tokenizer = load_tuned(llm_dir, cfg)
         if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
             model = model.cuda()
         answer_ids = answer_token_ids(self.tokenizer, list(cfg.llm.answer_words),

@@ -57,7 +57,7 @@ def load_tuned_with_heads(cfg: DictConfig) -> tuple[Any, Any, Any]:
             "data,retriever,llm")
     heads_path = require(run_dir(cfg) / "exits" / "heads.pt", "the exit stage's trained heads",
                          "exits")
-    model, tokenizer = load_tuned(llm_dir)
+    model, tokenizer = load_tuned(llm_dir, cfg)
     return model, tokenizer, load_heads(heads_path, model)
 
 

@@ -128,7 +128,8 @@ def format_scoring(res: dict[str, Any]) -> str:
     table = markdown_table(["scoring path", "RPS", "vs generate", "vs generate (CPU time)",
                             "max |ΔP(yes)|"], rows, align="lrrrr")
     return (f"{table}\n\n{res['n_requests']} test prompts (mean {res['mean_prompt_tokens']:.0f} "
-            f"tokens), batch size {res['batch_size']}, identical padded batches for every path; "
+            f"tokens), batch size {res['batch_size']}, identical padded batches for every path, "
+            f"attention {res.get('attention', '?')} unless the row says otherwise; "
             f"medians of {res['repeats']} interleaved repeats.")
 
 

@@ -3,9 +3,13 @@
 Every path scores the *same* left-padded batches (requests sorted by length, longest first, as
 :meth:`EarlyExitScorer.score_requests` batches them) of the tuned model, timed interleaved:
 
-* ``llm module (logits_to_keep=1)`` — production scoring of the llm stage
-  (``CTRLLMModule.score``): one forward with position ids from the mask, logits of the last
-  position only, two-way softmax over the answer logits;
+* ``llm module (shared prefix, logits_to_keep=1)`` — production scoring of the llm stage
+  (``CTRLLMModule.score``): the prompt prefix all rows share run once
+  (:mod:`gcnee.llm.shared_prefix`), position ids from the mask, logits of the last position
+  only, two-way softmax over the answer logits;
+* ``llm module, no prefix sharing`` — the same, every row's whole prompt through the decoder;
+* ``llm module, <other> attention`` — production scoring with the other attention kernel (sdpa
+  when the model runs eager, else eager), so ``llm.attention``'s choice is measured too;
 * ``exit scorer, full depth`` — :meth:`EarlyExitScorer.full_depth` (the exit stage's reference):
   decoder layers by hand, final norm, the two answer rows of ``lm_head``;
 * ``forward, all positions`` — a plain ``model(ids, attention_mask)`` then ``logits[:, -1]``
@@ -15,13 +19,14 @@ Every path scores the *same* left-padded batches (requests sorted by length, lon
   two answer columns renormalised (TALLRec-style).
 
 All give the same P(yes) up to float rounding (``max_abs_diff`` against the baseline). Every
-path runs under the same autocast (``trainer.precision``: bf16-mixed -> bf16), so the paths differ
-only in what they compute, not in precision.
+path runs under the same autocast (``trainer.precision``: bf16-mixed -> bf16) and, except the
+other-attention row, the same attention kernel, so the paths differ only in what they compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +73,24 @@ def generate_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask
 
 
 def module_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           yes_id: int, no_id: int) -> torch.Tensor:
+                           yes_id: int, no_id: int, share_prefix: bool = True) -> torch.Tensor:
     """``CTRLLMModule.score``: last-position logits only (``logits_to_keep=1``)."""
     from gcnee.llm.module import last_position_logits, yes_probability
 
     with torch.inference_mode():
-        return yes_probability(last_position_logits(model, input_ids, attention_mask),
-                               yes_id, no_id)
+        return yes_probability(last_position_logits(model, input_ids, attention_mask,
+                                                    share_prefix), yes_id, no_id)
+
+
+@contextmanager
+def attention_kernel(model: Any, name: str) -> Iterator[None]:
+    """Run ``model`` with another attention implementation inside the block."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def all_positions_yes_probability(model: Any, input_ids: torch.Tensor,
@@ -102,28 +118,37 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     n = len(requests)
     device = next(model.parameters()).device
 
+    attention = str(model.config._attn_implementation)
+    other = "sdpa" if attention == "eager" else "eager"
+
     def run(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            some: list | None = None) -> Callable[[], Any]:
+            some: list | None = None, kernel: str | None = None) -> Callable[[], Any]:
         def go() -> torch.Tensor:
             out = torch.empty(n)
-            with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
-                                enabled=autocast is not None):
+            with (torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                 enabled=autocast is not None),
+                  nullcontext() if kernel is None else attention_kernel(model, kernel)):
                 for ids, am, idx in batches if some is None else some:
                     out[idx] = fn(ids.to(device), am.to(device)).float().cpu()
             return out
         return go
 
+    ours = "llm module (shared prefix, logits_to_keep=1)"
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "llm module (logits_to_keep=1)":
+        ours: lambda i, a: module_yes_probability(model, i, a, yes_id, no_id),
+        "llm module, no prefix sharing":
+            lambda i, a: module_yes_probability(model, i, a, yes_id, no_id, share_prefix=False),
+        f"llm module, {other} attention":
             lambda i, a: module_yes_probability(model, i, a, yes_id, no_id),
         "exit scorer, full depth": lambda i, a: scorer.full_depth(i, a).scores,
         "forward, all positions":
             lambda i, a: all_positions_yes_probability(model, i, a, yes_id, no_id),
         BASELINE: lambda i, a: generate_yes_probability(model, i, a, yes_id, no_id, pad_id),
     }
-    for fn in fns.values():  # warm-up: one batch through every path
-        run(fn, batches[:1])()
-    paths = {name: run(fn) for name, fn in fns.items()}
+    kernels = {f"llm module, {other} attention": other}
+    for name, fn in fns.items():  # warm-up: one batch through every path
+        run(fn, batches[:1], kernels.get(name))()
+    paths = {name: run(fn, kernel=kernels.get(name)) for name, fn in fns.items()}
     seconds, cpu, results = interleaved(paths, repeats)
     base = results[BASELINE]
     rows = [{"path": name, "rps": rate(n, seconds[name]),
@@ -133,7 +158,11 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
              "seconds": [round(s, 4) for s in seconds[name]]} for name in paths]
     return {"paths": rows, "n_requests": n, "batch_size": int(batch_size),
             "mean_prompt_tokens": float(np.mean([len(r) for r in requests])),
-            "repeats": int(repeats), "baseline": BASELINE,
+            "repeats": int(repeats), "baseline": BASELINE, "attention": attention,
+            "speedup_prefix_sharing": median_ratio(seconds["llm module, no prefix sharing"],
+                                                   seconds[ours]),
+            f"speedup_{attention}_over_{other}": median_ratio(
+                seconds[f"llm module, {other} attention"], seconds[ours]),
             "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
             "speedup": rows[0]["speedup_vs_generate"],
             "speedup_cpu": rows[0]["speedup_vs_generate_cpu"],

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 
 class StepTimer(L.Callback):
@@ -69,9 +70,26 @@ def time_training_steps(module: L.LightningModule, datamodule: L.LightningDataMo
     return step_stats(timer.seconds, timer.shapes, int(warmup))
 
 
+def lora_variants(cfg: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The LoRA step as configured, then with prefix sharing flipped and with the other
+    attention kernel: ``[(row label suffix, llm.* changes)]`` (ratios measured in one run)."""
+    from gcnee.llm.backbone import attn_implementation
+    from gcnee.llm.shared_prefix import resolve_share_prefix
+
+    device = torch.device("cuda" if torch.cuda.is_available()
+                          and cfg.trainer.accelerator != "cpu" else "cpu")
+    sharing = resolve_share_prefix(cfg.llm.share_prefix, device)
+    attention = attn_implementation(cfg.llm.attention, cfg.trainer.accelerator) or "sdpa"
+    other = "sdpa" if attention == "eager" else "eager"
+    return [("", {}),
+            (f", prefix sharing {'off' if sharing else 'on'}",
+             {"share_prefix": "false" if sharing else "true"}),
+            (f", {other} attention", {"attention": other})]
+
+
 def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """LoRA step (base model + fresh adapters, ``llm.*``) and exit-head step (merged model +
-    fresh heads, ``exits.*``) of a run; JSON to ``.../bench/train.json``."""
+    """LoRA step (base model + fresh adapters, ``llm.*``; :func:`lora_variants`) and exit-head
+    step (merged model + fresh heads, ``exits.*``) of a run; JSON to ``.../bench/train.json``."""
     from gcnee.bench.early_exit import bench_dir
     from gcnee.bench.inputs import load_datamodule, require, stage_dir
     from gcnee.bench.report import load_average, machine_info
@@ -88,24 +106,28 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
                               "steps": steps, "warmup": warmup, "stages": []}
     L.seed_everything(int(cfg.run.seed), verbose=False)
 
-    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir)
-    if cfg.llm.quantization is not None:
-        model = prepare_for_kbit(model)
-    yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
-                                     cfg.llm.use_chat_template)
-    dm = load_datamodule(cfg, tokenizer)
-    lora = CTRLLMModule(model, yes_id, no_id, cfg.llm)
-    stats = time_training_steps(lora, dm, cfg.trainer, steps, warmup)
-    result["stages"].append({"stage": "llm (LoRA)", "batch_size": int(cfg.llm.batch_size),
-                             "lora": {"r": int(cfg.llm.lora.r),
-                                      "target_modules": list(cfg.llm.lora.target_modules)},
-                             **stats})
-    del lora, model
+    for label, change in lora_variants(cfg):
+        llm_cfg = OmegaConf.merge(cfg.llm, change)
+        model, tokenizer = load_backbone(llm_cfg, cfg.run.checkpoints_dir,
+                                         accelerator=cfg.trainer.accelerator)
+        if cfg.llm.quantization is not None:
+            model = prepare_for_kbit(model)
+        yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
+                                         cfg.llm.use_chat_template)
+        dm = load_datamodule(cfg, tokenizer)
+        lora = CTRLLMModule(model, yes_id, no_id, llm_cfg)
+        stats = time_training_steps(lora, dm, cfg.trainer, steps, warmup)
+        result["stages"].append({
+            "stage": f"llm (LoRA){label}", "batch_size": int(cfg.llm.batch_size),
+            "lora": {"r": int(cfg.llm.lora.r), "target_modules": list(cfg.llm.lora.target_modules)},
+            "attention": str(model.config._attn_implementation),
+            "share_prefix": str(llm_cfg.share_prefix), **stats})
+        del lora, model
 
     llm_dir = stage_dir(cfg, "llm", "data,retriever,llm")
     require(llm_dir / "merged" / "config.json", "the llm stage's merged tuned model",
             "data,retriever,llm")
-    merged, mtok = load_tuned(llm_dir)
+    merged, mtok = load_tuned(llm_dir, cfg)
     heads = ExitHeads.from_model(merged, list(cfg.exits.layers), (yes_id, no_id),
                                  head=cfg.exits.head, init=cfg.exits.init)
     dm = load_datamodule(cfg, mtok, batch_size=int(cfg.exits.batch_size))

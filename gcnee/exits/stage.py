@@ -40,12 +40,18 @@ def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
                                use_distributed_sampler=False)
 
 
-def load_tuned(llm_dir: Path) -> tuple[torch.nn.Module, Any]:
-    """The merged tuned model and its tokenizer (left padding) from the llm stage folder."""
+def load_tuned(llm_dir: Path, cfg: DictConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """The merged tuned model and its tokenizer (left padding) from the llm stage folder, with
+    the attention kernel of ``cfg.llm.attention`` (None: ``auto``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gcnee.llm.backbone import attn_implementation
+
+    attention = attn_implementation(None if cfg is None else cfg.llm.attention,
+                                    "auto" if cfg is None else cfg.trainer.accelerator)
     merged = llm_dir / "merged"
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    kwargs = {} if attention is None else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -110,7 +116,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     llm_dir = ctx.input_dir("llm")
     t0 = time.time()
-    model, tokenizer = load_tuned(llm_dir)
+    model, tokenizer = load_tuned(llm_dir, cfg)
     answer_ids = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
                                   cfg.llm.use_chat_template)
     heads = ExitHeads.from_model(model, list(cfg.exits.layers), answer_ids,
@@ -182,7 +188,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if not (run_dir / stage / MARKER).is_file():
             raise StageError(f"gcnee evaluate needs a finished '{stage}' stage in {run_dir} "
                              f"(run `gcnee fit --config ... --stages {stage}` first)")
-    model, tokenizer = load_tuned(run_dir / "llm")
+    model, tokenizer = load_tuned(run_dir / "llm", cfg)
     heads = load_heads(run_dir / "exits" / "heads.pt", model)
     dm = CTRDataModule(cfg, run_dir / "data", run_dir / "retriever", run_dir / "llm", tokenizer)
     dm.prepare_data()

@@ -166,7 +166,7 @@ def _publish(built: Path, dest: Path) -> None:
 
 
 def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
-               device_map: Any = None) -> tuple[Any, Any]:
+               device_map: Any = None, attention: str | None = None) -> tuple[Any, Any]:
     """Model (dense, no quantizer attached) and tokenizer from a GGUF file."""
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
@@ -181,6 +181,7 @@ def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
         folder, gguf_file=fname, dtype=torch_dtype or torch.float32, device_map=device_map,
         # dense weights even where a GGUF matmul kernel exists: LoRA and exit heads need them
         quantization_config=GgufConfig(dequantize=True),
+        **({} if attention is None else {"attn_implementation": attention}),
     )
     # The weights are plain tensors now; without this, save_pretrained refuses the model and
     # peft treats it as quantized.
@@ -263,10 +264,30 @@ def _bnb_config(quantization: str, compute_dtype: torch.dtype | None) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def attn_implementation(setting: str | None, accelerator: str = "auto") -> str | None:
+    """transformers' ``attn_implementation`` for ``llm.attention``.
+
+    ``auto``: ``eager`` when the run is on CPU (no CUDA, or ``trainer.accelerator: cpu``), where
+    it is faster than torch's SDPA kernels for prompts of ~100-300 tokens (its backward most:
+    ``gcnee bench train``); otherwise None (transformers' default, SDPA).
+    """
+    value = "auto" if setting is None else str(setting)
+    if value not in ATTENTIONS:
+        raise ConfigError(f"llm.attention must be one of {', '.join(ATTENTIONS)}, got {value!r}")
+    if value != "auto":
+        return value
+    on_cpu = str(accelerator) == "cpu" or not torch.cuda.is_available()
+    return "eager" if on_cpu else None
+
+
 def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
-                  torch_dtype: torch.dtype | None = None, device_map: Any = None
-                  ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``llm.model``, optionally 4/8-bit quantized.
+                  torch_dtype: torch.dtype | None = None, device_map: Any = None,
+                  accelerator: str = "auto") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``llm.model``, optionally 4/8-bit quantized, with the
+    attention kernel of ``llm.attention`` (:func:`attn_implementation`).
 
     ``torch_dtype`` None keeps the checkpoint's dtype (GGUF: float32). The tokenizer pads on the
     left (the answer is read at the last position) and pads with EOS when it has no pad token.
@@ -276,6 +297,7 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
     quantization = llm_cfg.quantization
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"llm.quantization must be null, nf4 or int8, got {quantization!r}")
+    attention = attn_implementation(llm_cfg.get("attention"), accelerator)
     source = resolve_model(llm_cfg, checkpoints_dir)
     if isinstance(source, tuple) and quantization is not None:
         gguf_path = Path(*source).resolve()
@@ -284,11 +306,13 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
         _log(f"converting {gguf_path.name} once into {folder} for {quantization} loading")
         source = str(convert_gguf(gguf_path, folder))
     if isinstance(source, tuple):
-        model, tokenizer = _load_gguf(Path(*source), torch_dtype, device_map)
+        model, tokenizer = _load_gguf(Path(*source), torch_dtype, device_map, attention)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs: dict[str, Any] = {}
+        if attention is not None:
+            kwargs["attn_implementation"] = attention
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         if device_map is not None:

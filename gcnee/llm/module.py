@@ -29,26 +29,43 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from gcnee.llm.shared_prefix import (
+    gradient_checkpointing_active,
+    last_hidden_with_shared_prefix,
+    resolve_share_prefix,
+    shared_prefix_length,
+)
 from gcnee.precision import float32_linear
 
 LOSSES = ("vocab", "binary")
 
 
 def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
+                         attention_mask: torch.Tensor,
+                         share_prefix: bool | str | None = "auto") -> torch.Tensor:
     """Float32 logits (B, V) at the last position of left-padded ``input_ids`` (B, T).
 
     Position ids count only real tokens (pads get 0), so left padding does not shift them. The
     decoder runs under whatever autocast is active; the output head in float32
-    (:func:`gcnee.precision.float32_linear`).
+    (:func:`gcnee.precision.float32_linear`). ``share_prefix`` (``llm.share_prefix``: true,
+    false, auto = on CPU): run the prompt prefix that all rows share once
+    (:mod:`gcnee.llm.shared_prefix`; same logits up to float rounding).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The decoder stack (LoRA layers included: peft injects them into its modules), final norm.
-    out = base.model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids, use_cache=False)
+    decoder = base.model
+    prefix = 0
+    if (resolve_share_prefix(share_prefix, input_ids.device)
+            and not gradient_checkpointing_active(decoder)):
+        prefix = shared_prefix_length(input_ids, attention_mask)
+    if prefix:
+        last = last_hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix)
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        last = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).last_hidden_state[:, -1]
     head = base.get_output_embeddings()
-    return float32_linear(out.last_hidden_state[:, -1], head.weight, head.bias)
+    return float32_linear(last, head.weight, head.bias)
 
 
 def answer_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
@@ -146,6 +163,7 @@ class CTRLLMModule(L.LightningModule):
         self.model = add_lora(model, llm_cfg.lora) if lora else model
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         self.loss_kind = str(llm_cfg.loss)
+        self.share_prefix = llm_cfg.get("share_prefix", "auto")
         self.lr, self.weight_decay = float(llm_cfg.lr), float(llm_cfg.weight_decay)
         self.warmup_ratio = float(llm_cfg.warmup_ratio)
         self.tag = "tuned"
@@ -166,7 +184,7 @@ class CTRLLMModule(L.LightningModule):
     # ---- scoring --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-position logits (B, V) for left-padded prompts (B, T)."""
-        return last_position_logits(self.model, input_ids, attention_mask)
+        return last_position_logits(self.model, input_ids, attention_mask, self.share_prefix)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

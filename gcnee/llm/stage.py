@@ -149,6 +149,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     data_dir, retriever_dir = ctx.input_dir("data"), ctx.input_dir("retriever")
     model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir,
+                                     accelerator=cfg.trainer.accelerator,
                                      device_map=_device_map(cfg))
     if cfg.llm.quantization is not None:
         model = prepare_for_kbit(model)

