@@ -285,9 +285,11 @@ def attn_implementation(setting: str | None, accelerator: str = "auto") -> str |
 
 def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
                   torch_dtype: torch.dtype | None = None, device_map: Any = None,
-                  accelerator: str = "auto") -> tuple[Any, Any]:
+                  accelerator: str = "auto", attention: str | None = None
+                  ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``llm.model``, optionally 4/8-bit quantized, with the
-    attention kernel of ``llm.attention`` (:func:`attn_implementation`).
+    attention kernel of ``attention`` if given, else of ``llm.attention``
+    (:func:`attn_implementation`).
 
     ``torch_dtype`` None keeps the checkpoint's dtype (GGUF: float32). The tokenizer pads on the
     left (the answer is read at the last position) and pads with EOS when it has no pad token.
@@ -297,7 +299,7 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
     quantization = llm_cfg.quantization
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"llm.quantization must be null, nf4 or int8, got {quantization!r}")
-    attention = attn_implementation(llm_cfg.get("attention"), accelerator)
+    attention = attn_implementation(attention or llm_cfg.get("attention"), accelerator)
     source = resolve_model(llm_cfg, checkpoints_dir)
     if isinstance(source, tuple) and quantization is not None:
         gguf_path = Path(*source).resolve()

@@ -90,7 +90,7 @@ def test_llm_kind(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
     inter, items, _ = community_interactions(users_per=10, per_user=8)
     save_as_data_stage(prepare(inter, items), tmp_path / "ckpt", "t")
     fake = types.ModuleType("gcnee.llm.backbone")
-    fake.load_backbone = lambda llm_cfg, checkpoints_dir: (tiny_llama, tiny_tokenizer)
+    fake.load_backbone = lambda llm_cfg, checkpoints_dir, **kw: (tiny_llama, tiny_tokenizer)
     monkeypatch.setitem(sys.modules, "gcnee.llm.backbone", fake)
     summary = run_stage(config(tmp_path, "retriever.kind=llm"), "retriever")
     out = tmp_path / "ckpt" / "t" / "retriever"
