@@ -73,8 +73,10 @@ def generate_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask
 
 
 def module_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           yes_id: int, no_id: int, share_prefix: bool = True) -> torch.Tensor:
-    """``CTRLLMModule.score``: last-position logits only (``logits_to_keep=1``)."""
+                           yes_id: int, no_id: int, share_prefix: bool | str = "auto"
+                           ) -> torch.Tensor:
+    """``CTRLLMModule.score``: last-position logits only (``logits_to_keep=1``), the shared
+    prompt prefix run once where ``llm.share_prefix`` (auto: on CPU) says so."""
     from gcnee.llm.module import last_position_logits, yes_probability
 
     with torch.inference_mode():
@@ -133,7 +135,10 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
             return out
         return go
 
-    ours = "llm module (shared prefix, logits_to_keep=1)"
+    from gcnee.llm.shared_prefix import resolve_share_prefix
+
+    ours = ("llm module (shared prefix, logits_to_keep=1)"
+            if resolve_share_prefix("auto", device) else "llm module (logits_to_keep=1)")
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
         ours: lambda i, a: module_yes_probability(model, i, a, yes_id, no_id),
         "llm module, no prefix sharing":
