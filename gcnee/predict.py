@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from gcnee.data.samples import user_order
 from gcnee.data.tables import PreparedData, Sample
 from gcnee.precision import autocast_dtype
+from gcnee.training import uses_cuda
 
 
 class RequestError(ValueError):
@@ -119,7 +119,7 @@ class Predictor:
                            for u in range(len(starts) - 1)}
 
         model, self.tokenizer = load_tuned(llm_dir, cfg)
-        if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        if uses_cuda(cfg.trainer.accelerator):
             model = model.cuda()
         answer_ids = answer_token_ids(self.tokenizer, list(cfg.llm.answer_words),
                                       cfg.llm.use_chat_template)

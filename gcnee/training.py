@@ -20,6 +20,11 @@ from gcnee.distributed import is_global_zero
 from gcnee.precision import autocast_dtype, cpu_has_native_bf16
 
 
+def uses_cuda(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` puts the run on a CUDA GPU on this machine."""
+    return torch.cuda.is_available() and str(accelerator) in ("auto", "gpu", "cuda")
+
+
 def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logger: Any = None,
                         callbacks: list[Any] | None = None, **overrides: Any) -> L.Trainer:
     """``L.Trainer`` built from ``trainer_cfg`` (``cfg.trainer``); ``overrides`` win.

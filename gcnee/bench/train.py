@@ -75,9 +75,9 @@ def lora_variants(cfg: Any) -> list[tuple[str, dict[str, Any]]]:
     attention kernel: ``[(row label suffix, llm.* changes)]`` (ratios measured in one run)."""
     from gcnee.llm.backbone import attn_implementation
     from gcnee.llm.shared_prefix import resolve_share_prefix
+    from gcnee.training import uses_cuda
 
-    device = torch.device("cuda" if torch.cuda.is_available()
-                          and cfg.trainer.accelerator != "cpu" else "cpu")
+    device = torch.device("cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu")
     sharing = resolve_share_prefix(cfg.llm.share_prefix, device)
     attention = attn_implementation(cfg.llm.attention, cfg.trainer.accelerator) or "sdpa"
     other = "sdpa" if attention == "eager" else "eager"

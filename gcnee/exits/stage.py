@@ -45,13 +45,12 @@ def load_tuned(llm_dir: Path, cfg: DictConfig | None = None) -> tuple[torch.nn.M
     the attention kernel of ``cfg.llm.attention`` (None: ``auto``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gcnee.llm.backbone import attn_implementation
+    from gcnee.llm.backbone import attention_kwargs
 
-    attention = attn_implementation(None if cfg is None else cfg.llm.attention,
-                                    "auto" if cfg is None else cfg.trainer.accelerator)
+    attn = (attention_kwargs(None) if cfg is None
+            else attention_kwargs(cfg.llm.attention, cfg.trainer.accelerator))
     merged = llm_dir / "merged"
-    kwargs = {} if attention is None else {"attn_implementation": attention}
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **attn).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -166,7 +166,8 @@ def _publish(built: Path, dest: Path) -> None:
 
 
 def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
-               device_map: Any = None, attention: str | None = None) -> tuple[Any, Any]:
+               device_map: Any = None, attention: dict[str, str] | None = None
+               ) -> tuple[Any, Any]:
     """Model (dense, no quantizer attached) and tokenizer from a GGUF file."""
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
@@ -181,7 +182,7 @@ def _load_gguf(gguf_path: Path, torch_dtype: torch.dtype | None = None,
         folder, gguf_file=fname, dtype=torch_dtype or torch.float32, device_map=device_map,
         # dense weights even where a GGUF matmul kernel exists: LoRA and exit heads need them
         quantization_config=GgufConfig(dequantize=True),
-        **({} if attention is None else {"attn_implementation": attention}),
+        **(attention or {}),
     )
     # The weights are plain tensors now; without this, save_pretrained refuses the model and
     # peft treats it as quantized.
@@ -279,8 +280,16 @@ def attn_implementation(setting: str | None, accelerator: str = "auto") -> str |
         raise ConfigError(f"llm.attention must be one of {', '.join(ATTENTIONS)}, got {value!r}")
     if value != "auto":
         return value
-    on_cpu = str(accelerator) == "cpu" or not torch.cuda.is_available()
-    return "eager" if on_cpu else None
+    from gcnee.training import uses_cuda
+
+    return None if uses_cuda(accelerator) else "eager"
+
+
+def attention_kwargs(setting: str | None, accelerator: str = "auto") -> dict[str, str]:
+    """``from_pretrained`` keyword arguments for ``llm.attention`` (empty: transformers'
+    default)."""
+    attention = attn_implementation(setting, accelerator)
+    return {} if attention is None else {"attn_implementation": attention}
 
 
 def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
@@ -299,7 +308,7 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
     quantization = llm_cfg.quantization
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"llm.quantization must be null, nf4 or int8, got {quantization!r}")
-    attention = attn_implementation(attention or llm_cfg.get("attention"), accelerator)
+    attn = attention_kwargs(attention or llm_cfg.get("attention"), accelerator)
     source = resolve_model(llm_cfg, checkpoints_dir)
     if isinstance(source, tuple) and quantization is not None:
         gguf_path = Path(*source).resolve()
@@ -308,13 +317,11 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
         _log(f"converting {gguf_path.name} once into {folder} for {quantization} loading")
         source = str(convert_gguf(gguf_path, folder))
     if isinstance(source, tuple):
-        model, tokenizer = _load_gguf(Path(*source), torch_dtype, device_map, attention)
+        model, tokenizer = _load_gguf(Path(*source), torch_dtype, device_map, attn)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs: dict[str, Any] = {}
-        if attention is not None:
-            kwargs["attn_implementation"] = attention
+        kwargs: dict[str, Any] = dict(attn)
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         if device_map is not None:

@@ -30,7 +30,12 @@ from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
 from gcnee.metrics import summarize
 from gcnee.simple_scorers import SCORERS, score_simple
 from gcnee.stages import StageContext, read_json, register, write_json
-from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
+from gcnee.training import (
+    checkpoint_step,
+    resumable_checkpoint,
+    trainer_from_config,
+    uses_cuda,
+)
 
 PROB_SCORERS = ("tuned", "untuned")
 
@@ -55,9 +60,7 @@ def _device_map(cfg: DictConfig) -> Any:
     """bitsandbytes models are placed at load time (Lightning cannot move them afterwards)."""
     if cfg.llm.quantization is None:
         return None
-    import torch
-
-    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+    if uses_cuda(cfg.trainer.accelerator):
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return None
 
