@@ -48,7 +48,10 @@ class DataConfig:
     # Parsing; null means the format's default.
     sep: str | None = None
     encoding: str | None = None
-    header: bool | None = None
+    # Header lines: null = detected per file (a first line that parses as a data row is data);
+    # true/false for every file; or per file, e.g. {interactions: false, items: true} (keys:
+    # interactions, items, users; a missing key = detect). The data summary records each decision.
+    header: Any = None
     missing_title: str = "drop"  # drop | id: items without a title are dropped or titled by id
     keep_implicit: bool = False  # BookCrossing rating 0 (implicit feedback)
     max_bad_fraction: float = 0.01  # share of malformed lines per file above which the run stops
@@ -61,6 +64,10 @@ class DataConfig:
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     few_shot_count: int | None = None  # training samples the LLM sees (count) ...
     few_shot_fraction: float | None = None  # ... or fraction of train; both null: all of train
+    # Classes in the few-shot set: none = a plain seeded draw (the split's imbalance, measured
+    # default); stratified = exactly the train split's positive rate; balanced = as many
+    # negatives as positives where the data allows (both null above: the majority is cut down).
+    few_shot_balance: str = "none"
 
 
 @dataclass
@@ -272,6 +279,53 @@ TRAINER_RESULT_KEYS = [f"trainer.{k}" for k in (
     "deterministic")]
 
 
+# Keys with a fixed set of values, checked when the config is loaded so that a typo fails in
+# well under a second, before torch/transformers are imported; each stage checks again with its
+# own constant (tests/test_config.py keeps the two in step).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.format": ("amazon", "bookcrossing", "movielens-100k", "movielens-1m", "recbole"),
+    "data.missing_title": ("drop", "id"),
+    "data.label_op": (">", ">="),
+    "data.split": ("random", "global_time"),
+    "data.few_shot_balance": ("none", "stratified", "balanced"),
+    "retriever.kind": ("gcn", "llm", "random", "none"),
+    "retriever.layers_mode": ("average", "last"),
+    "retriever.edges": ("all", "positive"),
+    "llm.loss": ("vocab", "binary"),
+    "llm.quantization": (None, "nf4", "int8"),
+    "llm.attention": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
+    "prompt.example_order": ("target_first", "recent"),
+    "exits.head": ("full", "answer"),
+    "exits.init": ("random", "copy"),
+    "exits.lr_depth": ("head", "layer"),
+    "eval.rule": ("window", "confidence", "patience", "none"),
+}
+HEADER_FILES = ("interactions", "items", "users")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for a value outside its key's choices (``CHOICES``) or a malformed
+    ``data.header``; the message names the key and the valid values."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{key} must be one of {shown}; got {value!r}")
+    header = cfg.data.header
+    if header is None or isinstance(header, bool):
+        return
+    if not isinstance(header, DictConfig):
+        raise ConfigError(f"data.header must be null, true, false or a mapping of "
+                          f"{', '.join(HEADER_FILES)} to true/false/null; got {header!r}")
+    for name, value in header.items():
+        if name not in HEADER_FILES:
+            raise ConfigError(f"unknown key 'data.header.{name}'. Valid keys in data.header: "
+                              f"{', '.join(HEADER_FILES)}")
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"wrong type for 'data.header.{name}' (expected true, false or "
+                              f"null): {value!r}")
+
+
 def _schema_at(path: list[str]) -> Any:
     """The dataclass reached by following ``path`` (field names) from ``Config``."""
     cls: Any = Config
@@ -315,7 +369,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load ``path`` (YAML) over the schema defaults, then apply ``key=value`` overrides.
 
     Returns a structured ``DictConfig`` (attribute access, type-checked on assignment). The run
-    name defaults to the config file's stem.
+    name defaults to the config file's stem. Values with fixed choices are checked too
+    (``check_values``), so every config mistake is a ``ConfigError`` here, before heavy imports.
     """
     cfg = OmegaConf.structured(Config)
     if path is not None:
@@ -344,6 +399,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from None
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "default"
+    check_values(cfg)
     return cfg
 
 

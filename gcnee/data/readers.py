@@ -3,8 +3,8 @@
 Every reader returns ``RawData``: ``Interactions`` (user and item ids as str, float ratings,
 int64 timestamps), ``Items`` (a title for every item kept) and one ``FileReport`` per file read.
 
-Defaults (``null`` in the config means the format's default; ``data.sep`` / ``data.encoding`` /
-``data.header``, when set, apply to every file of the format):
+Defaults (``null`` in the config means the format's default; ``data.sep`` / ``data.encoding``,
+when set, apply to every file of the format; ``data.header`` may be set per file):
 
 | data.format    | interactions_file         | items_file               | users_file            |
 |----------------|---------------------------|--------------------------|-----------------------|
@@ -14,13 +14,30 @@ Defaults (``null`` in the config means the format's default; ``data.sep`` / ``da
 | movielens-1m   | ratings.dat               | movies.dat               | -                     |
 | recbole        | the one *.inter           | the one *.item           | -                     |
 
-| data.format    | sep                            | encoding                            | header |
-|----------------|--------------------------------|-------------------------------------|--------|
-| amazon         | - (JSON / Python-literal lines)| utf-8                               | -      |
-| bookcrossing   | ``;``, double-quoted           | utf-8, else latin-1                 | yes    |
-| movielens-100k | tab (u.data), ``|`` (u.item)   | utf-8 (u.data); utf-8, else latin-1 | no     |
-| movielens-1m   | ``::``                         | utf-8, else latin-1                 | no     |
-| recbole        | tab                            | utf-8                               | typed  |
+| data.format    | sep                            | encoding                            | header   |
+|----------------|--------------------------------|-------------------------------------|----------|
+| amazon         | - (JSON / Python-literal lines)| utf-8                               | -        |
+| bookcrossing   | ``;``, double-quoted           | utf-8, else latin-1                 | detected |
+| movielens-100k | tab (u.data), ``|`` (u.item)   | utf-8 (u.data); utf-8, else latin-1 | detected |
+| movielens-1m   | ``::``                         | utf-8, else latin-1                 | detected |
+| recbole        | tab                            | utf-8                               | typed    |
+
+**Header lines** (``data.header``: null = detect, true/false for every file, or per file as
+``{interactions: .., items: .., users: ..}``): a first line whose leading names fit the
+format's columns (``User-ID;ISBN;Book-Rating``, any case or punctuation) is a header; a first
+line that parses as a data row of the expected shape is data; anything else stops the read
+with the line's names and the key that settles it. Each file's ``FileReport.header`` records
+what was decided and how, so no row is lost silently.
+
+**BookCrossing quoting**: the original dump's backslash-escaped quotes (``"\\"O\\" Is for
+Outlaw"``), common re-exports of it (quotes doubled around the misread text
+``\\O\\" Is for Outlaw"``) and the dump's lines with a backslash before a closing quote are read
+and repaired (``QuotedSplitter``); the repaired lines are counted per file
+(``FileReport.repaired``).
+
+**Amazon without metadata**: with no ``meta_*`` file and ``data.missing_title=id`` the items
+are titled by their ASIN (prompts then carry ids, not titles; a warning says so); otherwise
+the error says where the metadata file comes from.
 
 "utf-8, else latin-1" decodes each line as UTF-8 when it is valid UTF-8 and as latin-1 otherwise:
 latin-1 files read correctly, and UTF-8 text stored inside them (BookCrossing's "Ã©") is repaired.
@@ -102,7 +119,15 @@ def _the_one(folder: Path, candidates: list[Path], what: str, key: str) -> Path:
                     f"Set {key} to choose the file.")
 
 
-def _amazon_files(folder: Path, data_cfg: Any) -> tuple[Path, Path]:
+AMAZON_META_HELP = (
+    "prompts need item titles, which Amazon keeps in a metadata file beside the reviews: "
+    "Amazon Review Data (2018, https://nijianmo.github.io/amazon/) publishes "
+    "meta_<Category>.json.gz next to each <Category>.json.gz (the 2014 release: "
+    "meta_<Category>.json.gz). Put it in {folder} (or name it with data.items_file), or set "
+    "data.missing_title=id to run with item ids in place of titles")
+
+
+def _amazon_files(folder: Path, data_cfg: Any) -> tuple[Path, Path | None]:
     json_files = sorted(p for p in folder.iterdir()
                         if p.is_file() and p.name.endswith((".json", ".json.gz")))
     meta = [p for p in json_files if p.name.startswith("meta_")]
@@ -115,6 +140,11 @@ def _amazon_files(folder: Path, data_cfg: Any) -> tuple[Path, Path]:
                                 "data.interactions_file")
     if data_cfg.items_file is not None:
         meta_path = _named(folder, data_cfg.items_file, None, "data.items_file", "amazon")
+    elif not meta and data_cfg.missing_title == "id":
+        meta_path = None  # titles = ids; read_amazon warns
+    elif not meta:
+        raise DataError(f"data.path: no metadata file (meta_*.json or meta_*.json.gz) in "
+                        f"{folder}: " + AMAZON_META_HELP.format(folder=folder))
     else:
         meta_path = _the_one(folder, meta, "metadata file (meta_*.json or meta_*.json.gz)",
                              "data.items_file")
@@ -133,13 +163,7 @@ def _recbole_files(folder: Path, data_cfg: Any) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def read_raw(data_cfg: Any, seed: int = 0) -> RawData:
-    """Read the raw files ``data_cfg`` (the ``data`` config section) points at.
-
-    ``seed`` fixes BookCrossing's stand-in order (other formats ignore it). Raises ``DataError``
-    for a missing folder or file (naming the config key), ambiguous Amazon/RecBole files, or too
-    many malformed lines; ``ConfigError``-like bad values are ``DataError`` naming the key.
-    """
+def _check_basics(data_cfg: Any) -> Path:
     fmt = data_cfg.format
     if fmt not in FORMATS:
         raise DataError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -150,33 +174,68 @@ def read_raw(data_cfg: Any, seed: int = 0) -> RawData:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "not found"
         raise DataError(f"data.path: folder {what}: {folder}")
-    common = {"missing_title": data_cfg.missing_title,
-              "max_bad_fraction": float(data_cfg.max_bad_fraction)}
-    sep, encoding, header = data_cfg.sep, data_cfg.encoding, data_cfg.header
+    return folder
 
+
+def resolve_files(data_cfg: Any) -> dict[str, Path | None]:
+    """``{"interactions", "items", "users"}`` -> the files the format reads (None: none).
+
+    Reads nothing but the folder listing, so a missing or ambiguous file is reported at once
+    (``DataError`` naming the key to set), before any stage runs.
+    """
+    folder = _check_basics(data_cfg)
+    fmt = data_cfg.format
     if fmt == "amazon":
         reviews, meta = _amazon_files(folder, data_cfg)
-        return read_amazon(reviews, meta, encoding=encoding or "utf-8", **common)
+        return {"interactions": reviews, "items": meta, "users": None}
     if fmt == "recbole":
-        if header is False:
+        if data_cfg.header is False or (
+                hasattr(data_cfg.header, "get")
+                and False in (data_cfg.header.get("interactions"), data_cfg.header.get("items"))):
             raise DataError("data.header=false: RecBole atomic files always start with a typed "
                             "header (user_id:token ...); leave data.header null")
         inter, item = _recbole_files(folder, data_cfg)
-        return read_recbole(inter, item, sep=sep or "\t", encoding=encoding or "utf-8", **common)
-
+        return {"interactions": inter, "items": item, "users": None}
     d_inter, d_items, d_users = DEFAULT_FILES[fmt]
     inter = _named(folder, data_cfg.interactions_file, d_inter, "data.interactions_file", fmt)
     items = _named(folder, data_cfg.items_file, d_items, "data.items_file", fmt)
+    users = None
     if fmt == "bookcrossing":
         users = (_named(folder, data_cfg.users_file, None, "data.users_file", fmt)
                  if data_cfg.users_file is not None
                  else (folder / d_users if (folder / d_users).is_file() else None))
+    return {"interactions": inter, "items": items, "users": users}
+
+
+check_files = resolve_files  # the CLI's name for it: validation before any stage runs
+
+
+def read_raw(data_cfg: Any, seed: int = 0) -> RawData:
+    """Read the raw files ``data_cfg`` (the ``data`` config section) points at.
+
+    ``seed`` fixes BookCrossing's stand-in order (other formats ignore it). Raises ``DataError``
+    for a missing folder or file (naming the config key), ambiguous Amazon/RecBole files, a
+    first line that is neither header nor data, or too many malformed lines; ``ConfigError``-like
+    bad values are ``DataError`` naming the key.
+    """
+    files = resolve_files(data_cfg)
+    fmt = data_cfg.format
+    common = {"missing_title": data_cfg.missing_title,
+              "max_bad_fraction": float(data_cfg.max_bad_fraction)}
+    sep, encoding, header = data_cfg.sep, data_cfg.encoding, data_cfg.header
+    inter, items, users = files["interactions"], files["items"], files["users"]
+
+    if fmt == "amazon":
+        return read_amazon(inter, items, encoding=encoding or "utf-8", **common)
+    if fmt == "recbole":
+        return read_recbole(inter, items, sep=sep or "\t", encoding=encoding or "utf-8",
+                            **common)
+    if fmt == "bookcrossing":
         return read_bookcrossing(
             inter, items, users, sep=sep or ";", encoding=encoding or UTF8_OR_LATIN1,
-            header=True if header is None else header, keep_implicit=data_cfg.keep_implicit,
-            seed=seed, **common)
+            header=header, keep_implicit=data_cfg.keep_implicit, seed=seed, **common)
     if fmt == "movielens-100k":
-        return read_movielens_100k(inter, items, sep=sep, encoding=encoding,
-                                   header=bool(header), **common)
+        return read_movielens_100k(inter, items, sep=sep, encoding=encoding, header=header,
+                                   **common)
     return read_movielens_1m(inter, items, sep=sep or "::", encoding=encoding or UTF8_OR_LATIN1,
-                             header=bool(header), **common)
+                             header=header, **common)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gcnee.data.errors import DataError, DataWarning
 from gcnee.data.readers_common import (
     Columns,
     LineReport,
@@ -63,7 +65,7 @@ def _text(value: Any) -> str:
 
 def read_amazon(
     reviews_path: str | Path,
-    meta_path: str | Path,
+    meta_path: str | Path | None,
     *,
     encoding: str = "utf-8",
     missing_title: str = "drop",
@@ -77,9 +79,16 @@ def read_amazon(
     Titles are cleaned (HTML tags and entities, whitespace); an empty title, or an item with no
     metadata row, counts as missing (``missing_title``). With duplicate metadata rows for an
     ``asin`` the first non-empty title wins. ``*_key`` name the config keys in error messages.
+
+    ``meta_path=None`` (no metadata file) needs ``missing_title="id"``: every item is titled
+    by its ASIN, and a ``DataWarning`` says that prompts then carry no titles.
     """
     reviews_path = require_file(Path(reviews_path), reviews_key)
-    meta_path = require_file(Path(meta_path), meta_key)
+    if meta_path is None and missing_title != "id":
+        raise DataError(f"{meta_key}: no metadata file given; prompts need item titles "
+                        "(set data.missing_title=id to title items by their ASIN)")
+    if meta_path is not None:
+        meta_path = require_file(Path(meta_path), meta_key)
     cols = Columns()
     report = LineReport(reviews_path, max_bad_fraction)
     for lineno, obj in iter_records(reviews_path, report, encoding):
@@ -106,6 +115,13 @@ def read_amazon(
 
     wanted = set(cols.item)  # keep titles of reviewed items only: metadata files are large
     titles: dict[str, str] = {}
+    if meta_path is None:
+        warnings.warn(
+            f"no Amazon metadata file beside {reviews_path.name}: the {len(wanted):,} items are "
+            "titled by their ASIN (data.missing_title=id), so prompts carry item ids, not "
+            "titles; the LLM's accuracy depends on titles (get meta_<Category>.json.gz from "
+            "https://nijianmo.github.io/amazon/)", DataWarning, stacklevel=2)
+        return finish(cols, titles, missing_title, files, source=reviews_key)
     meta_report = LineReport(meta_path, max_bad_fraction)
     for lineno, obj in iter_records(meta_path, meta_report, encoding):
         asin = obj.get("asin")

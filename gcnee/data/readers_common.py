@@ -34,7 +34,9 @@ class FileReport:
     ``lines`` counts non-blank data lines (a header line is not counted); ``bad`` of them were
     skipped as malformed, ``reasons`` maps reason -> count and ``first_bad`` holds the 1-based
     physical line numbers of the first few. ``excluded`` counts well-formed lines left out on
-    purpose (e.g. BookCrossing's implicit ratings); they are not part of ``bad``.
+    purpose (e.g. BookCrossing's implicit ratings); they are not part of ``bad``. ``repaired``
+    counts kept lines whose quoting had to be repaired, by repair; ``header`` records whether the
+    first line was taken as a header and how that was decided (``data.header`` or detected).
     """
 
     path: str
@@ -43,6 +45,8 @@ class FileReport:
     reasons: dict[str, int]
     first_bad: list[int]
     excluded: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
+    header: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,8 +82,11 @@ class RawData:
 class LineReport:
     """Collects counts for one file while it streams; ``finish`` applies the bad-line limit."""
 
-    def __init__(self, path: Path, max_bad_fraction: float) -> None:
+    def __init__(self, path: Path, max_bad_fraction: float,
+                 header: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.header = dict(header or {})
+        self.repaired: dict[str, int] = {}
         self.max_bad_fraction = max_bad_fraction
         self.lines = 0
         self.bad = 0
@@ -96,9 +103,13 @@ class LineReport:
     def exclude(self, reason: str) -> None:
         self.excluded[reason] = self.excluded.get(reason, 0) + 1
 
+    def repair(self, what: str) -> None:
+        self.repaired[what] = self.repaired.get(what, 0) + 1
+
     def finish(self) -> FileReport:
         report = FileReport(str(self.path), self.lines, self.bad, dict(self.reasons),
-                            list(self.first_bad), dict(self.excluded))
+                            list(self.first_bad), dict(self.excluded), dict(self.repaired),
+                            dict(self.header))
         if self.lines and self.bad / self.lines > self.max_bad_fraction:
             err = DataError(
                 f"{self.path}: {self.bad} of {self.lines} lines "

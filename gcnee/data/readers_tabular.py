@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +36,212 @@ def plain_splitter(sep: str) -> Splitter:
     return lambda text: text.split(sep)
 
 
-def quoted_splitter(sep: str) -> Splitter:
-    """Split a ``"a";"b";"c"`` line (double quotes, backslash escapes, as in BookCrossing).
+class QuotedSplitter:
+    """Split a ``"a";"b";"c"`` line as BookCrossing files write it, repairing its quoting.
 
-    A line of only quoted fields without escapes takes a plain ``split``; anything else goes
-    through ``csv`` in strict mode, whose errors become "bad quoting" lines. A record never spans
-    lines: an unclosed quote is a malformed line, not a reason to swallow the next ones.
+    Three ways of writing a quote inside a field occur in BookCrossing files, and are read:
+
+    - the original dump's backslash escapes: ``"\\"O\\" Is for Outlaw"``;
+    - common re-exports of it, written by a CSV tool that read those escapes as plain text
+      (the field ``\\O\\" Is for Outlaw"``) and wrote that back with doubled quotes; the
+      misreading is undone: the title is ``"O" Is for Outlaw`` again;
+    - the dump's broken lines where a backslash stands before the closing quote and the next
+      field lost its opening one: ``"... Readers)\\";Michael Teitelbaum";"2000"``.
+
+    Interpretations are tried in that order (after a plain ``split`` for lines without quotes
+    or backslashes inside fields); with ``expected`` fields the first that gives that many wins.
+    ``last_repair`` names the repair the last line needed (None: none), so the reader can count
+    repaired lines. A line no interpretation fits raises ``csv.Error`` ("bad quoting"). A record
+    never spans lines: an unclosed quote is a malformed line, not a reason to swallow the next.
     """
-    if len(sep) != 1:
-        raise DataError(f"data.sep must be one character for quoted files, got {sep!r}")
-    pair = f'"{sep}"'
 
-    def split(text: str) -> list[str]:
+    ESCAPED = "backslash-escaped quotes"
+    REEXPORTED = "re-exported escaped quotes"
+    STRAY = "backslash before a closing quote"
+
+    def __init__(self, sep: str, expected: int | None = None) -> None:
+        if len(sep) != 1:
+            raise DataError(f"data.sep must be one character for quoted files, got {sep!r}")
+        self.sep, self.expected = sep, expected
+        self.pair = f'"{sep}"'
+        self.last_repair: str | None = None
+
+    def __call__(self, text: str) -> list[str]:
+        self.last_repair = None
         if len(text) > 1 and text[0] == '"' and text[-1] == '"' and "\\" not in text:
-            parts = text[1:-1].split(pair)
+            parts = text[1:-1].split(self.pair)
             if text.count('"') == 2 * len(parts):  # no quote inside any field
                 return parts
-        return next(csv.reader([text], delimiter=sep, quotechar='"', escapechar="\\",
-                               strict=True))
+        first_error: csv.Error | None = None
+        parsed: list[str] | None = None
+        for escapes in (True, False):
+            try:
+                fields, quoted, used = _tokenize(text, self.sep, escapes)
+            except csv.Error as err:
+                first_error = first_error or err
+                continue
+            if self.expected is not None and len(fields) != self.expected:
+                parsed = parsed or fields
+                continue
+            if escapes:
+                self.last_repair = self.ESCAPED if used else None
+                return fields
+            return self._repair(fields, quoted)
+        if parsed is not None:  # it splits, with the wrong number of fields: "field count"
+            return parsed
+        raise first_error or csv.Error("bad quoting")
 
-    return split
+    def _repair(self, fields: list[str], quoted: list[bool]) -> list[str]:
+        out = list(fields)
+        for k, value in enumerate(fields):
+            if "\\" not in value:
+                continue
+            if quoted[k] and value.endswith("\\") and k + 1 < len(fields) and not quoted[k + 1] \
+                    and fields[k + 1].endswith('"'):
+                out[k], out[k + 1] = value[:-1], fields[k + 1][:-1]
+                self.last_repair = self.STRAY
+            elif quoted[k] and value.endswith('"'):
+                # The re-export read the dump's `"\"O...` as the field `\` closed by the quote:
+                # put the quote back after the first backslash, drop the original closing quote
+                # at the end, then undo the escapes.
+                cut = value.index("\\") + 1
+                original = value[:cut] + '"' + value[cut:-1]
+                out[k] = original.replace('\\"', '"')
+                self.last_repair = self.REEXPORTED
+        return out
+
+
+def _tokenize(text: str, sep: str, escapes: bool) -> tuple[list[str], list[bool], bool]:
+    """(fields, whether each was quoted, whether a backslash escape was used) of one line.
+
+    Quoted fields end at a quote that is not doubled (nor, with ``escapes``, preceded by a
+    backslash); that quote must be followed by ``sep`` or the line end. Unquoted fields run to
+    the next ``sep``. Raises ``csv.Error`` for an unclosed quote or text after a closing one.
+    """
+    fields: list[str] = []
+    quoted: list[bool] = []
+    used = False
+    i, n = 0, len(text)
+    while True:
+        if i < n and text[i] == '"':
+            i += 1
+            buf: list[str] = []
+            while True:
+                if i >= n:
+                    raise csv.Error("unclosed quote")
+                c = text[i]
+                if escapes and c == "\\" and i + 1 < n and text[i + 1] in '"\\':
+                    buf.append(text[i + 1])
+                    used = used or text[i + 1] == '"'
+                    i += 2
+                elif c == '"':
+                    if i + 1 < n and text[i + 1] == '"':
+                        buf.append('"')
+                        i += 2
+                    else:
+                        i += 1
+                        break
+                else:
+                    buf.append(c)
+                    i += 1
+            if i < n and text[i] != sep:
+                raise csv.Error("text after a closing quote")
+            fields.append("".join(buf))
+            quoted.append(True)
+        else:
+            j = text.find(sep, i)
+            j = n if j < 0 else j
+            fields.append(text[i:j])
+            quoted.append(False)
+            i = j
+        if i >= n:
+            return fields, quoted, used
+        i += 1  # the separator
+        if i == n:  # a trailing separator ends with an empty field
+            fields.append("")
+            quoted.append(False)
+            return fields, quoted, used
+
+
+def quoted_splitter(sep: str, expected: int | None = None) -> QuotedSplitter:
+    """A ``QuotedSplitter`` for ``sep`` (BookCrossing's ``;``), expecting ``expected`` fields."""
+    return QuotedSplitter(sep, expected)
+
+
+# ---- header lines ------------------------------------------------------------------------
+
+def _norm(name: str) -> str:
+    """``"User-ID"`` / ``"user_id"`` / ``"User ID"`` -> ``"userid"``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _is_number(text: str) -> bool:
+    return parse_rating(text) is not None
+
+
+@dataclass(frozen=True)
+class FileShape:
+    """What a file of a format holds: its role (``interactions``, ``items``, ``users``: the
+    ``data.header`` key), the accepted names of its leading columns (normalized, any of each
+    tuple), and ``is_data(fields)``: whether a line is a data row of the expected shape."""
+
+    role: str
+    names: tuple[tuple[str, ...], ...]
+    is_data: Callable[[list[str]], bool]
+    shape: str  # the data row's shape in words, for messages
+
+
+SHAPES: dict[tuple[str, str], FileShape] = {
+    ("bookcrossing", "interactions"): FileShape(
+        "interactions", (("userid", "user"), ("isbn", "itemid", "bookid", "item"),
+                         ("bookrating", "rating")),
+        lambda f: len(f) == 3 and _is_number(f[2]), "3 fields, a numeric rating third"),
+    ("bookcrossing", "items"): FileShape(
+        "items", (("isbn", "itemid", "bookid"), ("booktitle", "title")),
+        lambda f: len(f) >= 2 and bool(f[0].strip()) and (len(f) < 4 or _is_number(f[3])),
+        "ISBN, title, author, a numeric year, ..."),
+    ("bookcrossing", "users"): FileShape(
+        "users", (("userid", "user"),), lambda f: f[0].strip().isdigit(),
+        "a numeric user id first"),
+    ("movielens-100k", "interactions"): FileShape(
+        "interactions", (("userid", "user"), ("itemid", "movieid", "item"), ("rating",),
+                         ("timestamp", "time")),
+        lambda f: len(f) == 4 and _is_number(f[2]) and _is_number(f[3]),
+        "4 fields: user, item, numeric rating, numeric timestamp"),
+    ("movielens-100k", "items"): FileShape(
+        "items", (("movieid", "itemid", "id"), ("movietitle", "title")),
+        lambda f: len(f) >= 2 and f[0].strip().isdigit(), "a numeric movie id, then the title"),
+    ("movielens-1m", "interactions"): FileShape(
+        "interactions", (("userid", "user"), ("movieid", "itemid", "item"), ("rating",),
+                         ("timestamp", "time")),
+        lambda f: len(f) == 4 and _is_number(f[2]) and _is_number(f[3]),
+        "4 fields: user, item, numeric rating, numeric timestamp"),
+    ("movielens-1m", "items"): FileShape(
+        "items", (("movieid", "itemid", "id"), ("title",), ("genres", "genre")),
+        lambda f: len(f) >= 2 and f[0].strip().isdigit(), "a numeric movie id, then the title"),
+}
+
+
+def header_setting(header: Any, role: str) -> bool | None:
+    """``data.header`` for one file: null/true/false as given, or the mapping's entry."""
+    if header is None or isinstance(header, bool):
+        return header
+    value = header.get(role) if hasattr(header, "get") else None
+    return None if value is None else bool(value)
+
+
+def first_fields(path: Path, encoding: str, split: Splitter, key: str) -> list[str] | None:
+    """The first non-blank line's fields (stripped); None when it does not split."""
+    for _, raw in iter_lines(path):
+        try:
+            return [f.strip() for f in split(decoder(encoding)(raw))]
+        except (UnicodeDecodeError, csv.Error):
+            return None
+    raise DataError(f"{key}: file is empty: {path}")
 
 
 def read_header(path: Path, encoding: str, split: Splitter, key: str) -> list[str]:
-    """The first non-blank line's fields (stripped)."""
+    """The first non-blank line's fields (stripped); a ``DataError`` if it does not split."""
     for _, raw in iter_lines(path):
         try:
             return [f.strip() for f in split(decoder(encoding)(raw))]
@@ -67,12 +250,42 @@ def read_header(path: Path, encoding: str, split: Splitter, key: str) -> list[st
     raise DataError(f"{key}: file is empty: {path}")
 
 
+def decide_header(path: Path, encoding: str, split: Splitter, setting: bool | None,
+                  fmt: str, role: str, key: str) -> tuple[bool, dict[str, Any]]:
+    """Whether ``path`` starts with a header line, and the decision for the summary.
+
+    ``setting`` (``data.header`` for this file) decides when not None. Otherwise: a first line
+    whose leading names fit the format's column names is a header; one that parses as a data
+    row of the expected shape is data; anything else is a ``DataError`` that quotes the line's
+    names and says which key settles it. Nothing is dropped without being recorded.
+    """
+    spec = SHAPES[(fmt, role)]
+    fields = first_fields(path, encoding, split, key)
+    shown = fields if fields is not None else []
+    header_key = f"data.header.{role}"
+    if setting is not None:
+        return setting, {"header": setting, "how": "data.header",
+                         **({"names": shown} if setting else {})}
+    if fields is not None and len(fields) >= len(spec.names) and all(
+            _norm(name) in accepted for name, accepted in zip(fields, spec.names)):
+        return True, {"header": True, "how": "detected", "names": fields}
+    if fields is not None and spec.is_data(fields):
+        return False, {"header": False, "how": "detected: the first line is a data row"}
+    expected = ";".join("/".join(a) for a in spec.names)
+    raise DataError(
+        f"{key}: the first line of {path} is neither a {fmt} header (names {expected}, in any "
+        f"case/punctuation) nor a data row ({spec.shape}); its fields are {shown}. Set "
+        f"{header_key}=true to skip it as a header, or {header_key}=false to read it as data "
+        "(a malformed first row is then counted among the skipped lines).")
+
+
 def iter_rows(path: Path, report: LineReport, encoding: str, split: Splitter, *,
               skip_header: bool, exact: int | None = None,
               minimum: int = 1) -> Iterator[tuple[int, list[str]]]:
     """``(line number, fields)`` of well-formed data lines; the others are counted in ``report``.
 
-    A line needs ``exact`` fields when given, else at least ``minimum``.
+    A line needs ``exact`` fields when given, else at least ``minimum``. Lines the splitter had
+    to repair (``QuotedSplitter.last_repair``) are counted in ``report.repaired``.
     """
     decode = decoder(encoding)
     lines = iter_lines(path)
@@ -91,6 +304,9 @@ def iter_rows(path: Path, report: LineReport, encoding: str, split: Splitter, *,
         if (len(fields) != exact) if exact is not None else (len(fields) < minimum):
             report.skip(lineno, "field count")
             continue
+        repair = getattr(split, "last_repair", None)
+        if repair is not None:
+            report.repair(repair)
         yield lineno, fields
 
 
@@ -167,7 +383,7 @@ def seeded_order(user: Sequence[str], item: Sequence[str], seed: int) -> np.ndar
 
 def read_bookcrossing(
     ratings_path: str | Path, books_path: str | Path, users_path: str | Path | None = None, *,
-    sep: str = ";", encoding: str = UTF8_OR_LATIN1, header: bool = True,
+    sep: str = ";", encoding: str = UTF8_OR_LATIN1, header: Any = None,
     keep_implicit: bool = False, seed: int = 0, missing_title: str = "drop",
     max_bad_fraction: float = 0.01, keys: dict[str, str] | None = None,
 ) -> RawData:
@@ -175,36 +391,41 @@ def read_bookcrossing(
 
     Rating 0 (implicit feedback) is excluded unless ``keep_implicit``. There are no timestamps:
     the timestamp column holds ``seeded_order`` indices (a per-user random order fixed by
-    ``seed``). A line needs as many fields as the header has (3 ratings, 8 books, 3 users without
-    a header). ``users_path`` is only checked and reported: samples need no user data.
+    ``seed``). ``header`` is ``data.header`` (null: detected per file, see ``decide_header``;
+    a bool for every file; or a mapping by role). A line needs as many fields as the header has
+    (3 ratings, 8 books, 3 users without a header). Quoting is repaired as ``QuotedSplitter``
+    describes. ``users_path`` is only checked and reported: samples need no user data.
     """
     keys = {"ratings": "data.interactions_file", "books": "data.items_file",
             "users": "data.users_file", **(keys or {})}
     ratings_path = require_file(Path(ratings_path), keys["ratings"])
     books_path = require_file(Path(books_path), keys["books"])
-    split = quoted_splitter(sep)
 
-    def n_fields(path: Path, default: int, key: str) -> int:
-        return len(read_header(path, encoding, split, key)) if header else default
+    def open_file(path: Path, role: str, default: int, key: str
+                  ) -> tuple[QuotedSplitter, bool, LineReport]:
+        probe = quoted_splitter(sep)
+        skip, decision = decide_header(path, encoding, probe, header_setting(header, role),
+                                       "bookcrossing", role, key)
+        n = len(first_fields(path, encoding, probe, key) or []) if skip else default
+        return quoted_splitter(sep, n), skip, LineReport(path, max_bad_fraction, decision)
 
-    report = LineReport(ratings_path, max_bad_fraction)
+    split, skip, report = open_file(ratings_path, "interactions", 3, keys["ratings"])
     cols = read_ratings(
-        ratings_path, report, encoding, split, skip_header=header,
-        exact=n_fields(ratings_path, 3, keys["ratings"]), columns=(0, 1, 2, None),
+        ratings_path, report, encoding, split, skip_header=skip, exact=split.expected,
+        columns=(0, 1, 2, None),
         keep=lambda r: None if keep_implicit or r != 0 else "implicit rating 0")
     files = [report.finish()]
     cols.timestamp = [0] * len(cols)  # replaced by seeded_order once the kept rows are known
 
-    books = LineReport(books_path, max_bad_fraction)
-    titles = read_titles(books_path, books, encoding, split, set(cols.item), skip_header=header,
-                         exact=n_fields(books_path, 8, keys["books"]), minimum=2, id_col=0,
-                         title_col=1)
+    split, skip, books = open_file(books_path, "items", 8, keys["books"])
+    titles = read_titles(books_path, books, encoding, split, set(cols.item), skip_header=skip,
+                         exact=split.expected, minimum=2, id_col=0, title_col=1)
     files.append(books.finish())
     if users_path is not None:
         users_path = require_file(Path(users_path), keys["users"])
-        users = LineReport(users_path, max_bad_fraction)
-        for _ in iter_rows(users_path, users, encoding, split, skip_header=header,
-                           exact=n_fields(users_path, 3, keys["users"])):
+        split, skip, users = open_file(users_path, "users", 3, keys["users"])
+        for _ in iter_rows(users_path, users, encoding, split, skip_header=skip,
+                           exact=split.expected):
             pass
         files.append(users.finish())
     raw = finish(cols, titles, missing_title, files, source=keys["ratings"])
@@ -214,46 +435,58 @@ def read_bookcrossing(
 
 def read_movielens_100k(
     data_path: str | Path, item_path: str | Path, *, sep: str | None = None,
-    encoding: str | None = None, header: bool = False, missing_title: str = "drop",
+    encoding: str | None = None, header: Any = None, missing_title: str = "drop",
     max_bad_fraction: float = 0.01, keys: dict[str, str] | None = None,
 ) -> RawData:
     """Read GroupLens ML-100K: ``u.data`` (user, item, rating, timestamp; tab-separated) and
     ``u.item`` (``|``-separated, latin-1, id in field 1 and title in field 2).
 
-    ``sep``/``encoding``, when given, replace the defaults of both files.
+    ``sep``/``encoding``, when given, replace the defaults of both files. ``header`` is
+    ``data.header`` (null: detected per file; the GroupLens files have none).
     """
     keys = {"data": "data.interactions_file", "item": "data.items_file", **(keys or {})}
     data_path = require_file(Path(data_path), keys["data"])
     item_path = require_file(Path(item_path), keys["item"])
-    report = LineReport(data_path, max_bad_fraction)
-    cols = read_ratings(data_path, report, encoding or "utf-8", plain_splitter(sep or "\t"),
-                        skip_header=header, exact=4, columns=(0, 1, 2, 3))
+    enc, split = encoding or "utf-8", plain_splitter(sep or "\t")
+    skip, decision = decide_header(data_path, enc, split, header_setting(header, "interactions"),
+                                   "movielens-100k", "interactions", keys["data"])
+    report = LineReport(data_path, max_bad_fraction, decision)
+    cols = read_ratings(data_path, report, enc, split, skip_header=skip, exact=4,
+                        columns=(0, 1, 2, 3))
     files = [report.finish()]
-    items = LineReport(item_path, max_bad_fraction)
-    titles = read_titles(item_path, items, encoding or UTF8_OR_LATIN1, plain_splitter(sep or "|"),
-                         set(cols.item), skip_header=header, exact=None, minimum=2, id_col=0,
-                         title_col=1)
+    enc, split = encoding or UTF8_OR_LATIN1, plain_splitter(sep or "|")
+    skip, decision = decide_header(item_path, enc, split, header_setting(header, "items"),
+                                   "movielens-100k", "items", keys["item"])
+    items = LineReport(item_path, max_bad_fraction, decision)
+    titles = read_titles(item_path, items, enc, split, set(cols.item), skip_header=skip,
+                         exact=None, minimum=2, id_col=0, title_col=1)
     files.append(items.finish())
     return finish(cols, titles, missing_title, files, source=keys["data"])
 
 
 def read_movielens_1m(
     ratings_path: str | Path, movies_path: str | Path, *, sep: str = "::",
-    encoding: str = UTF8_OR_LATIN1, header: bool = False, missing_title: str = "drop",
+    encoding: str = UTF8_OR_LATIN1, header: Any = None, missing_title: str = "drop",
     max_bad_fraction: float = 0.01, keys: dict[str, str] | None = None,
 ) -> RawData:
     """Read ML-1M: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) and ``movies.dat``
-    (``MovieID::Title::Genres``), ``::``-separated, latin-1."""
+    (``MovieID::Title::Genres``), ``::``-separated, latin-1. ``header`` is ``data.header``
+    (null: detected per file; the GroupLens files have none)."""
     keys = {"ratings": "data.interactions_file", "movies": "data.items_file", **(keys or {})}
     ratings_path = require_file(Path(ratings_path), keys["ratings"])
     movies_path = require_file(Path(movies_path), keys["movies"])
     split = plain_splitter(sep)
-    report = LineReport(ratings_path, max_bad_fraction)
-    cols = read_ratings(ratings_path, report, encoding, split, skip_header=header, exact=4,
+    skip, decision = decide_header(ratings_path, encoding, split,
+                                   header_setting(header, "interactions"), "movielens-1m",
+                                   "interactions", keys["ratings"])
+    report = LineReport(ratings_path, max_bad_fraction, decision)
+    cols = read_ratings(ratings_path, report, encoding, split, skip_header=skip, exact=4,
                         columns=(0, 1, 2, 3))
     files = [report.finish()]
-    movies = LineReport(movies_path, max_bad_fraction)
-    titles = read_titles(movies_path, movies, encoding, split, set(cols.item), skip_header=header,
+    skip, decision = decide_header(movies_path, encoding, split, header_setting(header, "items"),
+                                   "movielens-1m", "items", keys["movies"])
+    movies = LineReport(movies_path, max_bad_fraction, decision)
+    titles = read_titles(movies_path, movies, encoding, split, set(cols.item), skip_header=skip,
                          exact=3, minimum=3, id_col=0, title_col=1)
     files.append(movies.finish())
     return finish(cols, titles, missing_title, files, source=keys["ratings"])
@@ -319,7 +552,9 @@ def read_recbole(
     inter_cols = recbole_header(inter_path, encoding, split, keys["inter"])
     where = [_column(inter_cols, (name,), inter_path, keys["inter"], required=name != "timestamp")
              for name in ("user_id", "item_id", "rating", "timestamp")]
-    report = LineReport(inter_path, max_bad_fraction)
+    typed = {"header": True, "how": "RecBole typed header"}
+    report = LineReport(inter_path, max_bad_fraction, {**typed, "names": [
+        f"{n}:{k}" for n, k in inter_cols]})
     cols = read_ratings(inter_path, report, encoding, split, skip_header=True,
                         exact=len(inter_cols), columns=tuple(where))  # type: ignore[arg-type]
     files: list[FileReport] = [report.finish()]
@@ -332,7 +567,8 @@ def read_recbole(
     wanted = set(cols.item)
     titles: dict[str, str] = {}
     extra: dict[str, dict[str, Any]] = {}
-    items = LineReport(item_path, max_bad_fraction)
+    items = LineReport(item_path, max_bad_fraction, {**typed, "names": [
+        f"{n}:{k}" for n, k in item_cols]})
     for _, fields in iter_rows(item_path, items, encoding, split, skip_header=True,
                                exact=len(item_cols)):
         item = fields[id_col].strip()

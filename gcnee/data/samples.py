@@ -22,7 +22,9 @@ Rules (DESIGN.md §1.1), all deterministic for a given seed:
   rating of the same (user, item) pair as such a target (a repeated rating would put the
   evaluation pair into the retriever's graph).
 - **Few-shot.** ``data.few_shot_count`` or ``data.few_shot_fraction`` of train, seeded; both
-  null means all of train.
+  null means all of train. ``data.few_shot_balance`` decides its classes: ``none`` (a plain
+  draw: the split's imbalance), ``stratified`` (the split's rate exactly) or ``balanced`` (as
+  many negatives as positives where the data allows).
 """
 
 from __future__ import annotations
@@ -195,17 +197,72 @@ def graph_interactions(inter: Interactions, splits: dict[str, list[Sample]]) -> 
     return inter.take(keep)
 
 
+FEW_SHOT_BALANCES = ("none", "stratified", "balanced")
+
+
+def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
+    """``{"samples", "positives", "negatives"}`` of ``samples``."""
+    pos = sum(1 for s in samples if s.label)
+    return {"samples": len(samples), "positives": pos, "negatives": len(samples) - pos}
+
+
+def _class_sizes(k: int, n_pos: int, n_neg: int, balance: str) -> tuple[int, int]:
+    """(positives, negatives) of a ``k``-sample draw from ``n_pos`` + ``n_neg`` samples."""
+    if balance == "stratified":
+        pos = min(n_pos, max(0, round(k * n_pos / (n_pos + n_neg))))
+        neg = min(n_neg, k - pos)
+        return min(n_pos, k - neg), neg
+    # balanced: half each; where one class is short, all of it and the rest from the other
+    neg = min(n_neg, k // 2)
+    pos = min(n_pos, k - neg)
+    return pos, min(n_neg, k - pos)
+
+
+def balanced_draw(ids: np.ndarray, labels: np.ndarray, k: int, balance: str,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``k`` of ``ids`` drawn without replacement; ``balance`` as ``data.few_shot_balance``.
+
+    ``none``: a plain draw (``rng.choice``); ``stratified``: the positive share of ``labels``
+    exactly (rounded); ``balanced``: as many negatives as positives, or, where one class has
+    fewer than k/2, all of it and the rest from the other.
+    """
+    if balance not in FEW_SHOT_BALANCES:
+        raise ConfigError(f"data.few_shot_balance must be one of {', '.join(FEW_SHOT_BALANCES)}, "
+                          f"got {balance!r}")
+    if balance == "none":
+        return rng.choice(ids, size=k, replace=False)
+    pos, neg = ids[labels == 1], ids[labels == 0]
+    n_pos, n_neg = _class_sizes(k, len(pos), len(neg), balance)
+    return np.concatenate([rng.choice(pos, size=n_pos, replace=False),
+                           rng.choice(neg, size=n_neg, replace=False)])
+
+
 def few_shot_ids(train: list[Sample], data_cfg: DictConfig, seed: int) -> list[int]:
-    """Sorted sample ids of the training samples the LLM is tuned on (seeded subset of train)."""
+    """Sorted sample ids of the training samples the LLM is tuned on (seeded subset of train).
+
+    Its size is ``data.few_shot_count`` / ``data.few_shot_fraction`` (both null: all of train);
+    its classes follow ``data.few_shot_balance`` (``balanced_draw``). With both null and
+    ``balanced``, the majority class is cut down to the minority's size (all of the minority
+    kept); with ``stratified`` all of train already has the split's rate. ``none`` draws exactly
+    as before the option existed, so its few-shot sets are unchanged.
+    """
     count, frac = data_cfg.few_shot_count, data_cfg.few_shot_fraction
+    balance = str(data_cfg.get("few_shot_balance", "none"))
     ids = np.array([s.sample_id for s in train], dtype=np.int64)
+    labels = np.array([s.label for s in train], dtype=np.int64)
     if count is not None and frac is not None:
         raise ConfigError(
             "set only one of data.few_shot_count and data.few_shot_fraction (both are set: "
             f"{count} and {frac})"
         )
+    rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
     if count is None and frac is None:
-        return sorted(ids.tolist())
+        if balance != "balanced":
+            return sorted(ids.tolist())
+        minority = int(min(labels.sum(), len(labels) - labels.sum()))
+        if minority == 0:  # one class only: nothing to balance (the summary warns)
+            return sorted(ids.tolist())
+        return sorted(balanced_draw(ids, labels, 2 * minority, balance, rng).tolist())
     if count is not None:
         if not 1 <= count <= len(ids):
             raise ConfigError(
@@ -217,5 +274,37 @@ def few_shot_ids(train: list[Sample], data_cfg: DictConfig, seed: int) -> list[i
         if not 0 < frac <= 1:
             raise ConfigError(f"data.few_shot_fraction must be in (0, 1], got {frac}")
         k = max(1, round(len(ids) * float(frac)))
-    rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
-    return sorted(rng.choice(ids, size=k, replace=False).tolist())
+    return sorted(balanced_draw(ids, labels, k, balance, rng).tolist())
+
+
+def capped_train(few_shot: list[Sample], cap: int | None, balance: str, seed: int
+                 ) -> list[Sample]:
+    """The few-shot samples an ``llm.max_train_samples`` cap keeps, in few-shot order.
+
+    ``balance="none"`` is the llm stage's seeded permutation (its current rule, kept exactly);
+    ``stratified`` / ``balanced`` keep the few-shot set's classes as ``balanced_draw`` does, so
+    a balanced few-shot set stays balanced after the cap.
+    """
+    if cap is None or cap >= len(few_shot):
+        return list(few_shot)
+    rng = np.random.default_rng(seed)
+    if balance == "none":
+        pick = rng.permutation(len(few_shot))[:cap]
+    else:
+        labels = np.array([s.label for s in few_shot], dtype=np.int64)
+        pick = balanced_draw(np.arange(len(few_shot)), labels, int(cap), balance, rng)
+    return [few_shot[i] for i in sorted(pick.tolist())]
+
+
+def eval_subset(samples: Sequence[Sample], max_samples: int | None, seed: int) -> list[Sample]:
+    """A deterministic subset of ``max_samples`` samples (all if None), in sample_id order.
+
+    The same rule as ``gcnee.llm.datamodule.eval_subset`` (tests/data/test_samples.py checks
+    they agree), here so that the data stage can count its classes without importing torch.
+    """
+    if max_samples is None or max_samples >= len(samples):
+        return list(samples)
+    if max_samples <= 0:
+        raise ValueError(f"eval.max_samples must be positive or null, got {max_samples}")
+    pick = np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False)
+    return sorted((samples[i] for i in pick), key=lambda s: s.sample_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gcnee.config import load_config
+from gcnee.config import ConfigError, load_config
 from gcnee.data.errors import DataError
 from gcnee.data.readers import (
     RawData,
@@ -185,7 +185,8 @@ def test_amazon_malformed_lines_counted_then_limit():
 
 def test_amazon_file_detection_errors(tmp_path):
     shutil.copy(FIX / "amazon" / "Video_Games_5.json", tmp_path / "a.json")
-    with pytest.raises(DataError, match=r"metadata file.*none.*data\.items_file"):
+    with pytest.raises(DataError, match=r"no metadata file.*data\.items_file.*"
+                                        r"data\.missing_title=id"):
         read("amazon", tmp_path)
     shutil.copy(FIX / "amazon" / "meta_Video_Games.json", tmp_path / "meta_a.json")
     shutil.copy(FIX / "amazon" / "gz" / "Video_Games_5.json.gz", tmp_path / "a.json.gz")
@@ -197,18 +198,23 @@ def test_amazon_file_detection_errors(tmp_path):
 
 # -------------------------------------------------------------------------------- BookCrossing
 
-def test_bookcrossing_counts_titles_and_malformed_book_line():
+def test_bookcrossing_counts_titles_and_repaired_book_line():
     raw = read("bookcrossing", FIX / "bookcrossing")
     ratings, books, users = raw.files
     assert (ratings.lines, ratings.bad, ratings.excluded) == (92, 0, {"implicit rating 0": 24})
-    # the original's broken line: \" ends the title, the author lost its opening quote
-    assert (books.lines, books.bad, books.reasons, books.first_bad) == (
-        100, 1, {"field count": 1}, [39])
+    # the original's broken line 39: \" ends the title, the author lost its opening quote;
+    # repaired (counted), not dropped
+    assert (books.lines, books.bad, books.repaired) == (
+        100, 0, {"backslash before a closing quote": 1})
     assert (users.lines, users.bad) == (9, 0)
+    assert [f.header["header"] for f in raw.files] == [True, True, True]
+    assert ratings.header["names"] == ["User-ID", "ISBN", "Book-Rating"]
     assert (raw.users_before, raw.items_before, raw.interactions_before) == (8, 33, 68)
-    assert raw.items_without_title == 2  # 078946697X (broken line) and 0440211727 (no row)
-    assert len(raw.interactions) == 65 and per_user(raw) == [5, 5, 7, 7, 9, 9, 11, 12]
+    assert raw.items_without_title == 1  # 0440211727 (no row)
+    assert len(raw.interactions) == 66 and per_user(raw) == [5, 5, 7, 8, 9, 9, 11, 12]
     t = raw.items.titles
+    assert t["078946697X"] == ("DK Readers: Creating the X-Men, How It All Began "
+                               "(Level 4: Proficient Readers)")
     assert t["2070423204"] == "L'Étranger"  # latin-1 byte 0xC9
     assert t["2253006327"] == "Le Café des Sept Pas"  # UTF-8 bytes in the file ("CafÃ©")
     assert t["0679781587"] == "Crime & Punishment"
@@ -255,10 +261,18 @@ def test_bookcrossing_malformed_ratings():
              "data.interactions_file=BX-Book-Ratings-malformed.csv")
 
 
-def test_bad_fraction_boundary():
-    # BX-Books.csv: 1 bad of 100 lines passes 0.01 (not more than) and stops 0.005
+def test_bad_fraction_boundary(tmp_path):
+    # BX-Books.csv with line 39 cut short (an unclosed quote no reading repairs): 1 bad of 100
+    # lines passes 0.01 (not more than) and stops 0.005
+    for name in ("BX-Book-Ratings.csv", "BX-Users.csv"):
+        shutil.copy(FIX / "bookcrossing" / name, tmp_path / name)
+    lines = (FIX / "bookcrossing" / "BX-Books.csv").read_bytes().split(b"\r\n")
+    lines[38] = b'"078946697X";"DK Readers: Creating the X-Men'
+    (tmp_path / "BX-Books.csv").write_bytes(b"\r\n".join(lines))
+    raw = read("bookcrossing", tmp_path, "data.max_bad_fraction=0.01")
+    assert raw.files[1].reasons == {"bad quoting": 1}
     with pytest.raises(DataError, match="BX-Books.csv") as err:
-        read("bookcrossing", FIX / "bookcrossing", "data.max_bad_fraction=0.005")
+        read("bookcrossing", tmp_path, "data.max_bad_fraction=0.005")
     assert err.value.report.first_bad == [39]
 
 
@@ -295,9 +309,10 @@ def test_missing_folder_and_files_name_the_key(tmp_path):
 
 
 def test_bad_config_values():
-    with pytest.raises(DataError, match="data.format"):
+    # checked when the config is loaded (gcnee.config.check_values), before any reading
+    with pytest.raises(ConfigError, match="data.format must be one of amazon, bookcrossing"):
         read("netflix", FIX / "ml-1m")
-    with pytest.raises(DataError, match="data.missing_title"):
+    with pytest.raises(ConfigError, match="data.missing_title must be one of drop, id"):
         read("movielens-1m", FIX / "ml-1m", "data.missing_title=keep")
     with pytest.raises(DataError, match="data.encoding"):
         read("movielens-1m", FIX / "ml-1m", "data.encoding=klingon")
