@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         bench_scale(load_config(args.config, args.overrides))
         return 0
     if args.command == "evaluate":
-        from gcnee.exits.stage import evaluate
+        from gcnee.evaluate import evaluate
 
         evaluate(load_config(args.config, args.overrides))
         return 0

@@ -21,6 +21,9 @@ Per request, exactly as the llm and exit stages build their prompts (``CTRDataMo
    ``eval.rule`` at ``eval.threshold`` / ``eval.window`` / ``eval.window_min_prev``; with
    ``full_depth`` all layers and the model's own head (the exit stage is then not needed).
 
+The run is opened through :class:`gcnee.run.TrainedRun`: its own saved config builds the prompts;
+the command line changes only serving settings (``eval.*``, device, precision).
+
 Requests are scored in batches of ``eval.batch_size`` in input order; ``latency_ms`` is the wall
 time of the request's batch (prompt building + scoring): what a caller of that batch waits. One
 untimed warm-up forward precedes the first batch.
@@ -40,9 +43,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from gcnee.data.samples import user_order
-from gcnee.data.tables import PreparedData, Sample
-from gcnee.precision import autocast_dtype
-from gcnee.training import uses_cuda
+from gcnee.data.tables import Sample
+from gcnee.run import TrainedRun
 
 
 class RequestError(ValueError):
@@ -66,76 +68,38 @@ def _as_id(value: Any, key: str) -> str:
     return str(value)
 
 
-def stage_dir(cfg: DictConfig, stage: str, stages: str) -> Path:
-    """A finished stage's folder of the run; warns when it is outdated for ``cfg``."""
-    import warnings
-
-    from gcnee.bench.inputs import require
-    from gcnee.report.collect import fresh_ignoring_report_keys, run_dir
-    from gcnee.stages import MARKER
-
-    folder = run_dir(cfg) / stage
-    require(folder / MARKER, f"the '{stage}' stage has not finished", stages)
-    fresh, why = fresh_ignoring_report_keys(cfg, stage)
-    if not fresh:
-        warnings.warn(f"stage '{stage}' in {folder} is not up to date for this config ({why}); "
-                      "predicting with its outputs as they are", stacklevel=2)
-    return folder
-
-
 class Predictor:
-    """A trained run loaded for scoring (see the module docstring).
+    """Scores requests with a trained run (see the module docstring).
 
     Args:
-        cfg: the run's config (``run.name`` / ``run.checkpoints_dir`` pick the run).
-        full_depth: no early exit: all decoder layers and the model's own head.
+        run (TrainedRun): the run, opened with its data tables and placed on its device
+            (:meth:`Predictor.open` does both).
+
+    The run's config (``run.cfg``: its own prompt settings, the command line's serving
+    settings) decides prompts, batch size and the exit rule; ``run.full_depth`` turns early
+    exit off.
     """
 
-    def __init__(self, cfg: DictConfig, full_depth: bool = False) -> None:
-        from gcnee.bench.inputs import require
-        from gcnee.exits.heads import ExitHeads
-        from gcnee.exits.scorer import EarlyExitScorer
-        from gcnee.exits.stage import load_heads, load_tuned
-        from gcnee.llm.backbone import answer_token_ids
+    def __init__(self, run: TrainedRun) -> None:
         from gcnee.llm.prompts import group_graph_by_user
 
-        self.cfg, self.full_depth = cfg, bool(full_depth)
-        data_dir = stage_dir(cfg, "data", "data")
-        retriever_dir = stage_dir(cfg, "retriever", "data,retriever")
-        llm_dir = stage_dir(cfg, "llm", "data,retriever,llm")
-        require(llm_dir / "merged" / "config.json", "the llm stage's merged tuned model",
-                "data,retriever,llm")
-        self.prepared = PreparedData.load(data_dir)
+        if run.prepared is None:
+            raise ValueError("Predictor needs the run's data tables (TrainedRun.open(tables=True))")
+        self.run, self.cfg, self.full_depth = run, run.cfg, run.full_depth
+        self.prepared, self.similar, self.tokenizer = run.prepared, run.similar, run.tokenizer
         self.titles = self.prepared.items.titles
         self.by_user = group_graph_by_user(self.prepared.graph, self.titles)
-        self.similar = None
-        if cfg.retriever.kind != "none":
-            from gcnee.retrieval.similar import SimilarUsers
-
-            self.similar = SimilarUsers.load(retriever_dir)
         inter = self.prepared.interactions
         order, starts = user_order(inter)
         self._user_rows = {str(inter.user[order[starts[u]]]): order[starts[u]:starts[u + 1]]
                            for u in range(len(starts) - 1)}
-
-        model, self.tokenizer = load_tuned(llm_dir, cfg)
-        if uses_cuda(cfg.trainer.accelerator):
-            model = model.cuda()
-        answer_ids = answer_token_ids(self.tokenizer, list(cfg.llm.answer_words),
-                                      cfg.llm.use_chat_template)
-        if self.full_depth:
-            # The full-depth path uses the model's own norm and head; this head only carries
-            # the answer ids (it is the model's own, at the last layer).
-            n = int(model.config.num_hidden_layers)
-            heads = ExitHeads.from_model(model, [n], answer_ids, head="answer", init="copy")
-        else:
-            heads_path = require(stage_dir(cfg, "exits", "exits") / "heads.pt",
-                                 "the exit stage's trained heads (or use --full-depth)", "exits")
-            heads = load_heads(heads_path, model)
-        self.scorer = EarlyExitScorer(model, heads, answer_ids=answer_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      autocast=autocast_dtype(cfg.trainer.precision))
+        self.scorer = run.scorer()
         self._warm = False  # the first forward pays one-time costs: kept out of latency_ms
+
+    @classmethod
+    def open(cls, cfg: DictConfig, full_depth: bool = False) -> Predictor:
+        """Open the run of ``cfg`` (:meth:`TrainedRun.open`), place it, and wrap it."""
+        return cls(TrainedRun.open(cfg, full_depth=full_depth).place())
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -291,7 +255,7 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     src = Path(input_path)
     if not src.is_file():
         raise FileNotFoundError(f"requests file not found: {src} (--input)")
-    pred = predictor if predictor is not None else Predictor(cfg, full_depth=full_depth)
+    pred = predictor if predictor is not None else Predictor.open(cfg, full_depth=full_depth)
     counts = {"scored": 0, "errors": 0}
     start = time.perf_counter()
     with open(src, encoding="utf-8") as fin, atomic_path(output_path) as tmp, \
@@ -305,7 +269,8 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     summary = {**counts, "seconds": round(seconds, 3),
                "rps": round(counts["scored"] / seconds, 2) if seconds > 0 else None,
                "mode": "full depth" if pred.full_depth else
-               f"early exit ({cfg.eval.rule}, tau={cfg.eval.threshold}, m={cfg.eval.window})",
+               f"early exit ({pred.cfg.eval.rule}, tau={pred.cfg.eval.threshold}, "
+               f"m={pred.cfg.eval.window})",
                "output": str(output_path)}
     print(f"[gcnee] predict: {counts['scored']} scored, {counts['errors']} error record(s), "
           f"{summary['seconds']} s, {summary['mode']} -> {output_path}", file=sys.stderr)

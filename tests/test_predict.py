@@ -21,7 +21,7 @@ def fitted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(fitted):
-    return Predictor(fitted.cfg())
+    return Predictor.open(fitted.cfg())
 
 
 def _test_samples(fitted):
@@ -69,12 +69,12 @@ def test_predict_command_scores_lines_and_reports_errors(fitted, tmp_path):
 
 
 def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
-    from gcnee.bench.inputs import load_datamodule
+    from gcnee.exits.heads import load_heads
     from gcnee.exits.scorer import EarlyExitScorer
-    from gcnee.exits.stage import load_heads, load_tuned
+    from gcnee.llm.backbone import load_tuned
 
     cfg = fitted.cfg()
-    dm = load_datamodule(cfg, predictor.tokenizer)
+    dm = predictor.run.datamodule()
     test = dm.datasets["test"]
     stage_ids = dict(zip(test.sample_ids, test.input_ids))
     samples = _test_samples(fitted)
@@ -92,7 +92,7 @@ def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
 
 
 def test_full_depth_equals_the_llm_stage_tuned_scores(fitted, predictor):
-    full = Predictor(fitted.cfg(), full_depth=True)
+    full = Predictor.open(fitted.cfg(), full_depth=True)
     with open(fitted.run / "llm" / "scores_test.csv") as f:
         tuned = {int(r["sample_id"]): float(r["tuned"]) for r in csv.DictReader(f)}
     samples = _test_samples(fitted)

@@ -8,7 +8,10 @@ Same requests (the first ``bench.requests`` test prompts of a trained run), same
   with batch compaction (rows that exited leave the batch);
 * ``exit <rule> no compaction`` — the same exits, but every row stays in the batch until the
   slowest has exited (what public early-exit code does); skipped at batch size 1, where the two
-  are the same computation.
+  are the same computation;
+* the full-depth and compacted early-exit variants again with the shared prompt prefix flipped
+  (``..., no prefix sharing`` when the scorer shares it, ``..., prefix sharing`` otherwise; the
+  layer runner runs the prefix once per batch); skipped at batch size 1, where nothing is shared.
 
 **Ideal speedup.** Given the observed exits, a request needs ``L_i`` decoder layers and ``e_i``
 head evaluations (every exit head it reached), full depth needs ``N`` layers and one evaluation
@@ -111,35 +114,50 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
     (median paired wall-time ratio to full depth), ``achieved_fraction``, and the same two from
     process CPU time (``speedup_cpu``, ``achieved_fraction_cpu``).
     """
+    from gcnee.exits.scorer import EarlyExitScorer
+
     n = len(requests)
     mean_t = float(np.mean([len(r) for r in requests]))
     num_layers = int(scorer.num_layers)
     c = head_cost_layers(scorer.config, mean_t)
+    sharing = scorer.runner.sharing()
+    twin = EarlyExitScorer(scorer.model, scorer.heads, pad_token_id=scorer.pad_token_id,
+                           autocast=scorer.autocast, share_prefix=not sharing)
+    flipped = ", no prefix sharing" if sharing else ", prefix sharing"
     rows: list[dict[str, Any]] = []
     profiles: dict[str, str] = {}
     for bs in batch_sizes:
         bs = int(bs)
         variants: dict[str, Any] = {
             "full depth": lambda bs=bs: scorer.score_requests(requests, bs, mode="full")}
-        meta: dict[str, tuple[ExitRule | None, bool]] = {"full depth": (None, True)}
+        meta: dict[str, tuple[ExitRule | None, bool, bool]] = {
+            "full depth": (None, True, sharing)}
+        if bs > 1:
+            variants["full depth" + flipped] = lambda bs=bs: twin.score_requests(
+                requests, bs, mode="full")
+            meta["full depth" + flipped] = (None, True, not sharing)
         for rule in rules:
             name = f"exit {rule.label()}"
             variants[name] = lambda bs=bs, rule=rule: scorer.score_requests(
                 requests, bs, rule=rule, compact=True)
-            meta[name] = (rule, True)
+            meta[name] = (rule, True, sharing)
             if bs > 1:
                 variants[name + " no compaction"] = lambda bs=bs, rule=rule: (
                     scorer.score_requests(requests, bs, rule=rule, compact=False))
-                meta[name + " no compaction"] = (rule, False)
+                meta[name + " no compaction"] = (rule, False, sharing)
+                variants[name + flipped] = lambda bs=bs, rule=rule: twin.score_requests(
+                    requests, bs, rule=rule, compact=True)
+                meta[name + flipped] = (rule, True, not sharing)
         # Warm-up (allocator, first-call costs) on one batch of each kind.
         warm = list(requests[: min(bs, n)])
-        scorer.score_requests(warm, bs, mode="full")
-        for rule in rules:
-            scorer.score_requests(warm, bs, rule=rule)
+        for sc in (scorer, twin) if bs > 1 else (scorer,):
+            sc.score_requests(warm, bs, mode="full")
+            for rule in rules:
+                sc.score_requests(warm, bs, rule=rule)
         seconds, cpu, results = interleaved(variants, repeats)
         full = results["full depth"]
         for name, res in results.items():
-            rule, compact = meta[name]
+            rule, compact, shared = meta[name]
             exit_layers = res.exit_layers.numpy()
             evals = np.ones(n) if rule is None else res.exit_heads.numpy() + 1
             ideal = ideal_speedup(exit_layers, evals, num_layers, c)
@@ -148,6 +166,7 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
             row = {
                 "batch_size": bs, "variant": name, "rule": rule.label() if rule else "full",
                 "tau": rule.tau if rule is not None else None, "compact": compact,
+                "prefix_sharing": shared,
                 "rps": rate(n, seconds[name]), "seconds": [round(s, 4) for s in seconds[name]],
                 "mean_exit_layer": float(exit_layers.mean()),
                 "computed_layers_per_row": res.row_layers / n,
@@ -158,11 +177,16 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
                 "cpu_seconds": [round(s, 4) for s in cpu[name]], "speedup_cpu": speedup_cpu,
                 "achieved_fraction_cpu": achieved_fraction(speedup_cpu, ideal),
             }
-            if not compact:  # the same exits and scores as with compaction, only slower
-                ref = results[name[: -len(" no compaction")]]
+            base = name.removesuffix(" no compaction").removesuffix(flipped)
+            if base != name:  # the same exits and scores as the plain variant, computed otherwise
+                ref = results[base]
                 row["exit_layers_equal_compact"] = bool(
                     torch.equal(res.exit_layers, ref.exit_layers))
                 row["max_abs_diff_vs_compact"] = float((res.scores - ref.scores).abs().max())
+                if base != name.removesuffix(" no compaction"):
+                    row["speedup_prefix_sharing"] = median_ratio(
+                        seconds[name] if not shared else seconds[base],
+                        seconds[base] if not shared else seconds[name])
             rows.append(row)
         if profile_dir is not None and rules:
             profiles[str(bs)] = profile_exit(scorer, requests[: max(bs, 4)], bs, rules[0])
@@ -174,6 +198,7 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
     return {"rows": rows, "n_requests": n, "mean_prompt_tokens": mean_t,
             "num_layers": num_layers, "exit_layers": list(scorer.heads.layers),
             "rule": rules[0].name if rules else "none", "repeats": int(repeats),
+            "prefix_sharing": sharing,
             "batch_sizes": [int(b) for b in batch_sizes], "head_cost_layers": c,
             "head_flops": head_flops(int(scorer.config.hidden_size)),
             "layer_flops": decoder_layer_flops(scorer.config, mean_t),
@@ -202,21 +227,16 @@ def profile_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_size: int
 def bench_exit(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     """The early-exit bench on a trained run (``llm/merged``, ``exits/heads.pt``); JSON to
     ``<logs>/<run>/bench/exit.json``."""
-    from gcnee.bench.inputs import eval_requests, load_datamodule, load_tuned_with_heads
+    from gcnee.bench.inputs import eval_requests, open_run
     from gcnee.bench.report import load_average, machine_info
-    from gcnee.exits.scorer import EarlyExitScorer
-    from gcnee.precision import autocast_dtype
     from gcnee.stages import write_json
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
-    model, tokenizer, heads = load_tuned_with_heads(cfg)
-    dm = load_datamodule(cfg, tokenizer)
-    requests = eval_requests(dm, int(cfg.bench.requests))
-    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id,
-                             autocast=autocast_dtype(cfg.trainer.precision))
-    result = {"machine": machine_info(), "run": str(cfg.run.name)}
-    result.update(bench_early_exit(scorer, requests, list(cfg.bench.batch_sizes),
-                                   bench_rules(cfg), int(cfg.bench.repeats),
+    run = open_run(cfg)
+    requests = eval_requests(run.datamodule(), int(cfg.bench.requests))
+    result = {"machine": machine_info(), "run": run.name}
+    result.update(bench_early_exit(run.scorer(), requests, list(cfg.bench.batch_sizes),
+                                   bench_rules(run.cfg), int(cfg.bench.repeats),
                                    profile_dir=out if cfg.bench.profile else None))
     result["load_average_end"] = load_average()
     write_json(out / "exit.json", result)

@@ -1,7 +1,7 @@
 """Precision benchmark: does scoring in bfloat16 keep the fp32 scores, and how much faster is it?
 
-Variants of the tuned model's production scoring path (``CTRLLMModule``: one forward, the last
-position's logits, two-way softmax over the answer logits):
+Variants of the tuned model's production scoring path (:class:`gcnee.llm.runner.LayerRunner`
+to the last layer, the model's own two answer logits, two-way softmax):
 
 * ``fp32`` — the reference;
 * ``bf16 autocast`` — fp32 weights, bf16 matmuls (what ``trainer.precision=bf16-mixed`` does);
@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcnee.bench.scoring import module_yes_probability, padded_batches
+from gcnee.bench.scoring import runner_yes_probability
 from gcnee.bench.timing import interleaved, median_ratio, rate
+from gcnee.llm.runner import LayerRunner, length_sorted_batches
 from gcnee.metrics import auc
 
 REFERENCE = "fp32"
@@ -46,21 +47,22 @@ def bench_precision_paths(model: Any, requests: Sequence[Sequence[int]], labels:
     "max_abs_diff", "mean_abs_diff", "seconds"}], "n_requests", ...}``, fp32 first.
     """
     model.eval()
-    batches = padded_batches(requests, batch_size, pad_id)
+    batches = length_sorted_batches(requests, batch_size, pad_id)
     n = len(requests)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
 
+    runner, bf16_runner = LayerRunner(model), LayerRunner(bf16_model)
     setups: dict[str, tuple[Any, Callable[[], Any]]] = {
-        REFERENCE: (model, contextlib.nullcontext),
-        "bf16 autocast": (model, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
-        "bf16 weights": (bf16_model, contextlib.nullcontext),
+        REFERENCE: (runner, contextlib.nullcontext),
+        "bf16 autocast": (runner, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        "bf16 weights": (bf16_runner, contextlib.nullcontext),
     }
 
     def run(m: Any, ctx: Callable[[], Any], some: list | None = None) -> torch.Tensor:
         out = torch.empty(n)
         with ctx():
             for ids, am, idx in some or batches:
-                out[idx] = module_yes_probability(m, ids, am, yes_id, no_id).float()
+                out[idx] = runner_yes_probability(m, ids, am, yes_id, no_id).float()
         return out
 
     for m, ctx in setups.values():  # warm-up: one batch each
@@ -88,21 +90,20 @@ def bench_precision_paths(model: Any, requests: Sequence[Sequence[int]], labels:
 def bench_precision(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     """The precision bench on a trained run's merged model; JSON to ``.../bench/precision.json``."""
     from gcnee.bench.early_exit import bench_dir
-    from gcnee.bench.inputs import load_datamodule, load_tuned_with_heads
+    from gcnee.bench.inputs import open_run
     from gcnee.bench.report import load_average, machine_info
     from gcnee.stages import write_json
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
-    model, tokenizer, heads = load_tuned_with_heads(cfg)
-    dm = load_datamodule(cfg, tokenizer)
-    test = dm.datasets["test"]
+    run = open_run(cfg, full_depth=True)
+    test = run.datamodule().datasets["test"]
     n = len(test) if cfg.bench.precision_samples is None else int(cfg.bench.precision_samples)
     requests = [list(x) for x in test.input_ids[:n]]
     labels = list(test.labels[:n])
-    yes_id, no_id = (int(x) for x in heads.answer_ids.tolist())
-    result = {"machine": machine_info(), "run": str(cfg.run.name)}
-    result.update(bench_precision_paths(model, requests, labels, int(cfg.eval.batch_size),
-                                        yes_id, no_id, int(tokenizer.pad_token_id),
+    yes_id, no_id = run.answer_ids
+    result = {"machine": machine_info(), "run": run.name}
+    result.update(bench_precision_paths(run.model, requests, labels, int(run.cfg.eval.batch_size),
+                                        yes_id, no_id, int(run.tokenizer.pad_token_id),
                                         int(cfg.bench.precision_repeats)))
     result["load_average_end"] = load_average()
     write_json(out / "precision.json", result)

@@ -1,17 +1,19 @@
 """Scoring benchmark: our full-depth P(yes) paths vs the one common in public LLM-CTR code.
 
-Every path scores the *same* left-padded batches (requests sorted by length, longest first, as
-:meth:`EarlyExitScorer.score_requests` batches them) of the tuned model, timed interleaved:
+Every path scores the *same* left-padded batches (requests sorted by length, longest first:
+:func:`gcnee.llm.runner.length_sorted_batches`) of the tuned model, timed interleaved:
 
-* ``llm module (shared prefix, logits_to_keep=1)`` — production scoring of the llm stage
-  (``CTRLLMModule.score``): the prompt prefix all rows share run once
-  (:mod:`gcnee.llm.shared_prefix`), position ids from the mask, logits of the last position
-  only, two-way softmax over the answer logits;
-* ``llm module, no prefix sharing`` — the same, every row's whole prompt through the decoder;
-* ``llm module, <other> attention`` — production scoring with the other attention kernel (sdpa
+* ``layer runner (shared prefix)`` — production scoring (the llm stage's validation/test
+  scoring, the exit scorer's full depth, ``gcnee predict``): :class:`gcnee.llm.runner.LayerRunner`
+  with the prompt prefix all rows share run once, positions from the mask, the last position's
+  final norm and the two answer rows of the head (named ``layer runner`` where
+  ``llm.share_prefix: auto`` leaves sharing off);
+* ``layer runner, no prefix sharing`` / ``..., prefix sharing`` — the same with sharing flipped;
+* ``layer runner, <other> attention`` — production scoring with the other attention kernel (sdpa
   when the model runs eager, else eager), so ``llm.attention``'s choice is measured too;
-* ``exit scorer, full depth`` — :meth:`EarlyExitScorer.full_depth` (the exit stage's reference):
-  decoder layers by hand, final norm, the two answer rows of ``lm_head``;
+* ``HF forward, last position`` — the training forward
+  (:func:`gcnee.llm.module.last_position_logits`: Hugging Face's decoder forward, the vocabulary
+  head at the last position only);
 * ``forward, all positions`` — a plain ``model(ids, attention_mask)`` then ``logits[:, -1]``
   (vocabulary logits at every position);
 * ``generate + vocab softmax`` (the baseline) — ``model.generate(max_new_tokens=1,
@@ -34,29 +36,9 @@ import numpy as np
 import torch
 
 from gcnee.bench.timing import interleaved, median_ratio, rate
+from gcnee.llm.runner import LayerRunner, length_sorted_batches
 
 BASELINE = "generate + vocab softmax"
-
-
-def padded_batches(requests: Sequence[Sequence[int]], batch_size: int, pad_id: int
-                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``[(input_ids (b, T), attention_mask (b, T), request index (b,))]``: requests sorted by
-    length (longest first, stable), cut into batches, left-padded."""
-    if batch_size < 1:
-        raise ValueError(f"bench.scoring_batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i]))
-    out = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(requests[i]) for i in idx)
-        ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
-        am = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = len(requests[i])
-            ids[r, width - n:] = torch.as_tensor(list(requests[i]), dtype=torch.long)
-            am[r, width - n:] = 1
-        out.append((ids, am, torch.as_tensor(idx, dtype=torch.long)))
-    return out
 
 
 def generate_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -72,16 +54,31 @@ def generate_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask
     return probs[:, 0] / probs.sum(dim=-1)
 
 
-def module_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           yes_id: int, no_id: int, share_prefix: bool | str = "auto"
-                           ) -> torch.Tensor:
-    """``CTRLLMModule.score``: last-position logits only (``logits_to_keep=1``), the shared
-    prompt prefix run once where ``llm.share_prefix`` (auto: on CPU) says so."""
+def runner_yes_probability(runner: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           yes_id: int, no_id: int) -> torch.Tensor:
+    """Production scoring: the layer runner to the last layer, then the model's own answer
+    logits. ``(B, T)`` -> ``(B,)`` float32."""
+    from gcnee.llm.answer import prob_yes
+
+    answer = torch.tensor([yes_id, no_id])
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(layer: int, h: torch.Tensor, rows: torch.Tensor) -> None:
+        out["p"] = prob_yes(runner.answer_logits(h, answer))
+
+    with torch.inference_mode():
+        runner.run(input_ids, attention_mask, [runner.num_layers], visit)
+    return out["p"]
+
+
+def hf_yes_probability(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       yes_id: int, no_id: int) -> torch.Tensor:
+    """The training forward (Hugging Face's decoder, vocabulary head at the last position)."""
     from gcnee.llm.module import last_position_logits, yes_probability
 
     with torch.inference_mode():
-        return yes_probability(last_position_logits(model, input_ids, attention_mask,
-                                                    share_prefix), yes_id, no_id)
+        return yes_probability(last_position_logits(model, input_ids, attention_mask, False),
+                               yes_id, no_id)
 
 
 @contextmanager
@@ -99,16 +96,20 @@ def all_positions_yes_probability(model: Any, input_ids: torch.Tensor,
                                   attention_mask: torch.Tensor, yes_id: int, no_id: int
                                   ) -> torch.Tensor:
     """A plain forward (vocabulary logits at every position), then the last position."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    from gcnee.llm.answer import prob_yes
+    from gcnee.llm.runner import positions_from_mask
+
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False).logits[:, -1]
-    return torch.softmax(logits[:, [yes_id, no_id]].float(), dim=-1)[:, 0]
+                       position_ids=positions_from_mask(attention_mask),
+                       use_cache=False).logits[:, -1]
+    return prob_yes(logits[:, [yes_id, no_id]])
 
 
-def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int]],
+def bench_scoring_paths(model: Any, requests: Sequence[Sequence[int]],
                         batch_size: int, yes_id: int, no_id: int, pad_id: int,
-                        repeats: int = 3, autocast: torch.dtype | None = None) -> dict[str, Any]:
+                        repeats: int = 3, autocast: torch.dtype | None = None,
+                        share_prefix: bool | str = "auto") -> dict[str, Any]:
     """Time every path (module docstring) on the same batches; scores compared to the baseline.
 
     Returns ``{"paths": [{"path", "rps", "speedup_vs_generate", "speedup_vs_generate_cpu",
@@ -116,7 +117,7 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     of wall time and of process CPU time).
     """
     model.eval()
-    batches = padded_batches(requests, batch_size, pad_id)
+    batches = length_sorted_batches(requests, batch_size, pad_id)
     n = len(requests)
     device = next(model.parameters()).device
 
@@ -135,22 +136,22 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
             return out
         return go
 
-    from gcnee.llm.shared_prefix import resolve_share_prefix
-
-    ours = ("llm module (shared prefix, logits_to_keep=1)"
-            if resolve_share_prefix("auto", device) else "llm module (logits_to_keep=1)")
+    runner = LayerRunner(model, share_prefix=share_prefix)
+    sharing = runner.sharing()
+    flipped_runner = LayerRunner(model, share_prefix=not sharing)
+    ours = "layer runner (shared prefix)" if sharing else "layer runner"
+    flipped = "layer runner, " + ("no prefix sharing" if sharing else "prefix sharing")
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        ours: lambda i, a: module_yes_probability(model, i, a, yes_id, no_id),
-        "llm module, no prefix sharing":
-            lambda i, a: module_yes_probability(model, i, a, yes_id, no_id, share_prefix=False),
-        f"llm module, {other} attention":
-            lambda i, a: module_yes_probability(model, i, a, yes_id, no_id),
-        "exit scorer, full depth": lambda i, a: scorer.full_depth(i, a).scores,
+        ours: lambda i, a: runner_yes_probability(runner, i, a, yes_id, no_id),
+        flipped: lambda i, a: runner_yes_probability(flipped_runner, i, a, yes_id, no_id),
+        f"layer runner, {other} attention":
+            lambda i, a: runner_yes_probability(runner, i, a, yes_id, no_id),
+        "HF forward, last position": lambda i, a: hf_yes_probability(model, i, a, yes_id, no_id),
         "forward, all positions":
             lambda i, a: all_positions_yes_probability(model, i, a, yes_id, no_id),
         BASELINE: lambda i, a: generate_yes_probability(model, i, a, yes_id, no_id, pad_id),
     }
-    kernels = {f"llm module, {other} attention": other}
+    kernels = {f"layer runner, {other} attention": other}
     for name, fn in fns.items():  # warm-up: one batch through every path
         run(fn, batches[:1], kernels.get(name))()
     paths = {name: run(fn, kernel=kernels.get(name)) for name, fn in fns.items()}
@@ -164,10 +165,11 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
     return {"paths": rows, "n_requests": n, "batch_size": int(batch_size),
             "mean_prompt_tokens": float(np.mean([len(r) for r in requests])),
             "repeats": int(repeats), "baseline": BASELINE, "attention": attention,
-            "speedup_prefix_sharing": median_ratio(seconds["llm module, no prefix sharing"],
-                                                   seconds[ours]),
+            "prefix_sharing": sharing,
+            "speedup_prefix_sharing": (median_ratio(seconds[flipped], seconds[ours]) if sharing
+                                       else median_ratio(seconds[ours], seconds[flipped])),
             f"speedup_{attention}_over_{other}": median_ratio(
-                seconds[f"llm module, {other} attention"], seconds[ours]),
+                seconds[f"layer runner, {other} attention"], seconds[ours]),
             "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
             "speedup": rows[0]["speedup_vs_generate"],
             "speedup_cpu": rows[0]["speedup_vs_generate_cpu"],
@@ -177,25 +179,22 @@ def bench_scoring_paths(model: Any, scorer: Any, requests: Sequence[Sequence[int
 def bench_scoring(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     """The scoring bench on a trained run's merged model; JSON to ``.../bench/scoring.json``."""
     from gcnee.bench.early_exit import bench_dir
-    from gcnee.bench.inputs import eval_requests, load_datamodule, load_tuned_with_heads
+    from gcnee.bench.inputs import eval_requests, open_run
     from gcnee.bench.report import load_average, machine_info
-    from gcnee.exits.scorer import EarlyExitScorer
     from gcnee.precision import autocast_dtype
     from gcnee.stages import write_json
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
-    model, tokenizer, heads = load_tuned_with_heads(cfg)
-    dm = load_datamodule(cfg, tokenizer)
-    requests = eval_requests(dm, int(cfg.bench.requests))
-    yes_id, no_id = (int(x) for x in heads.answer_ids.tolist())
-    scorer = EarlyExitScorer(model, heads, pad_token_id=tokenizer.pad_token_id,
-                             autocast=autocast_dtype(cfg.trainer.precision))
+    run = open_run(cfg, full_depth=True)
+    requests = eval_requests(run.datamodule(), int(cfg.bench.requests))
+    yes_id, no_id = run.answer_ids
     bs = cfg.bench.scoring_batch_size
-    bs = int(cfg.eval.batch_size if bs is None else bs)
-    result = {"machine": machine_info(), "run": str(cfg.run.name)}
-    result.update(bench_scoring_paths(model, scorer, requests, bs, yes_id, no_id,
-                                      int(tokenizer.pad_token_id), int(cfg.bench.repeats),
-                                      autocast=autocast_dtype(cfg.trainer.precision)))
+    bs = int(run.cfg.eval.batch_size if bs is None else bs)
+    result = {"machine": machine_info(), "run": run.name}
+    result.update(bench_scoring_paths(run.model, requests, bs, yes_id, no_id,
+                                      int(run.tokenizer.pad_token_id), int(cfg.bench.repeats),
+                                      autocast=autocast_dtype(run.cfg.trainer.precision),
+                                      share_prefix=run.cfg.llm.get("share_prefix", "auto")))
     result["load_average_end"] = load_average()
     write_json(out / "scoring.json", result)
     return result

@@ -91,11 +91,10 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     """LoRA step (base model + fresh adapters, ``llm.*``; :func:`lora_variants`) and exit-head
     step (merged model + fresh heads, ``exits.*``) of a run; JSON to ``.../bench/train.json``."""
     from gcnee.bench.early_exit import bench_dir
-    from gcnee.bench.inputs import load_datamodule, require, stage_dir
+    from gcnee.bench.inputs import open_run
     from gcnee.bench.report import load_average, machine_info
     from gcnee.exits.heads import ExitHeads
     from gcnee.exits.module import ExitHeadsModule
-    from gcnee.exits.stage import load_tuned
     from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
     from gcnee.llm.module import CTRLLMModule
     from gcnee.stages import write_json
@@ -105,6 +104,9 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info(), "run": str(cfg.run.name),
                               "steps": steps, "warmup": warmup, "stages": []}
     L.seed_everything(int(cfg.run.seed), verbose=False)
+    # The tuned run: its prompts (token cache) for both stages, its merged model for the heads.
+    run = open_run(cfg, full_depth=True)
+    cfg = run.cfg
 
     for label, change in lora_variants(cfg):
         llm_cfg = OmegaConf.merge(cfg.llm, change)
@@ -114,7 +116,7 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
             model = prepare_for_kbit(model)
         yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
                                          cfg.llm.use_chat_template)
-        dm = load_datamodule(cfg, tokenizer)
+        dm = run.datamodule()
         lora = CTRLLMModule(model, yes_id, no_id, llm_cfg)
         stats = time_training_steps(lora, dm, cfg.trainer, steps, warmup)
         result["stages"].append({
@@ -124,15 +126,12 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
             "share_prefix": str(llm_cfg.share_prefix), **stats})
         del lora, model
 
-    llm_dir = stage_dir(cfg, "llm", "data,retriever,llm")
-    require(llm_dir / "merged" / "config.json", "the llm stage's merged tuned model",
-            "data,retriever,llm")
-    merged, mtok = load_tuned(llm_dir, cfg)
-    heads = ExitHeads.from_model(merged, list(cfg.exits.layers), (yes_id, no_id),
+    heads = ExitHeads.from_model(run.model, list(cfg.exits.layers), run.answer_ids,
                                  head=cfg.exits.head, init=cfg.exits.init)
-    dm = load_datamodule(cfg, mtok, batch_size=int(cfg.exits.batch_size))
-    module = ExitHeadsModule(merged, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
-                             lr_depth=cfg.exits.lr_depth)
+    dm = run.datamodule(batch_size=int(cfg.exits.batch_size))
+    module = ExitHeadsModule(run.model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
+                             lr_depth=cfg.exits.lr_depth,
+                             share_prefix=cfg.llm.get("share_prefix", "auto"))
     stats = time_training_steps(module, dm, cfg.trainer, steps, warmup)
     result["stages"].append({"stage": "exits (heads)", "batch_size": int(cfg.exits.batch_size),
                              "layers": list(cfg.exits.layers), "head": cfg.exits.head, **stats})

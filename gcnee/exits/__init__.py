@@ -2,7 +2,7 @@
 
 from gcnee.exits.heads import ExitHeads, validate_exit_layers
 from gcnee.exits.rules import RULES, ExitRule, make_rule, replay, replay_scores
-from gcnee.exits.scorer import EarlyExitScorer, ScoreResult, last_hidden_states
+from gcnee.exits.scorer import EarlyExitScorer, ScoreResult
 
 __all__ = [
     "RULES",
@@ -10,7 +10,6 @@ __all__ = [
     "ExitHeads",
     "ExitRule",
     "ScoreResult",
-    "last_hidden_states",
     "make_rule",
     "replay",
     "replay_scores",

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from gcnee.llm.answer import prob_yes
 from gcnee.precision import float32_linear
 
 HEAD_KINDS = ("full", "answer")
@@ -181,7 +183,7 @@ class ExitHeads(nn.Module):
 
     def prob_yes(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``(..., hidden)`` -> ``(...)`` P(yes) = softmax over the two answer logits (float32)."""
-        return torch.softmax(self.answer_logits(layer, h).float(), dim=-1)[..., 0]
+        return prob_yes(self.answer_logits(layer, h))
 
     def train_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Training logits: ``(..., vocab)`` for ``full``, ``(..., 2)`` [yes, no] for ``answer``.
@@ -212,3 +214,23 @@ def _reset_norm(norm: nn.Module) -> None:
             norm.weight.fill_(1.0)
         if getattr(norm, "bias", None) is not None:
             norm.bias.zero_()
+
+
+def save_heads(path: str | Path, heads: ExitHeads, head: str, init: str) -> None:
+    """Write ``heads`` (weights, layers, answer ids, kind) atomically to ``path``."""
+    from gcnee.stages import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": heads.state_dict(), "layers": heads.layers,
+                    "answer_ids": heads.answer_ids.tolist(), "head": head, "init": init,
+                    "num_layers": heads.num_layers}, tmp)
+
+
+def load_heads(path: str | Path, model: nn.Module) -> ExitHeads:
+    """Exit heads written by :func:`save_heads`, rebuilt for ``model`` (the merged tuned
+    model)."""
+    blob = torch.load(path, weights_only=True)
+    heads = ExitHeads.from_model(model, blob["layers"], blob["answer_ids"], head=blob["head"],
+                                 init="copy")
+    heads.load_state_dict(blob["state_dict"])
+    return heads

@@ -1,4 +1,4 @@
-"""``ExitHeadsModule``: trains exit heads on a frozen, merged CTR backbone (DESIGN.md §1.5).
+"""``ExitHeadsModule``: trains exit heads on a frozen, merged CTR backbone (docs/method.md §5).
 
 The backbone never changes: its parameters have ``requires_grad=False`` and it stays in eval mode
 even when Lightning calls ``.train()``. A batch runs the backbone once, without gradient, up to
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
 from gcnee.exits.heads import ExitHeads
-from gcnee.exits.scorer import last_hidden_states
+from gcnee.llm.runner import LayerRunner
 
 LR_DEPTHS = ("head", "layer")
 
@@ -65,18 +65,21 @@ class ExitHeadsModule(L.LightningModule):
         cache: keep each sample's backbone states after their first computation (the backbone
             is frozen, so later epochs and evaluation reuse them; memory: samples x exit
             layers x hidden floats).
+        share_prefix: ``llm.share_prefix`` of the backbone's layer runner.
 
     Batches: ``{"input_ids": (B, T), "attention_mask": (B, T) left-padded, "label": (B,) 0/1}``.
     """
 
     def __init__(self, backbone: torch.nn.Module, heads: ExitHeads, lr: float = 1e-3,
                  beta: float = 0.1, lr_depth: str = "head", weight_decay: float = 0.0,
-                 cache: bool = True) -> None:
+                 cache: bool = True, share_prefix: bool | str | None = "auto") -> None:
         super().__init__()
         if not heads.trainable_layers:
             raise ValueError(f"exits.layers={heads.layers} has no head to train (only the "
                              "model's own last layer)")
         self.backbone = backbone.requires_grad_(False).eval()
+        # The scorer's runner: heads are trained on the states they are served on.
+        self.runner = LayerRunner(self.backbone, share_prefix=share_prefix)
         self.heads = heads
         self.lrs = head_learning_rates(heads.trainable_layers, float(lr), float(beta), lr_depth)
         self.weight_decay = float(weight_decay)
@@ -114,8 +117,8 @@ class ExitHeadsModule(L.LightningModule):
                                    for s in ids):
             dev = batch["input_ids"].device
             return {x: torch.stack([self.states[s][x] for s in ids]).to(dev) for x in layers}
-        out = last_hidden_states(self.backbone, batch["input_ids"], batch["attention_mask"],
-                                 layers)
+        out = self.runner.states(batch["input_ids"], batch["attention_mask"], layers)
+        out = {x: h.contiguous() for x, h in out.items()}  # not views: frees the full states
         if ids is not None and self.cache:
             self.add_states(ids, list(out), torch.stack([out[x] for x in out], dim=1).cpu())
         self.backbone_batches += 1

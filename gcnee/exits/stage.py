@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 
 import gcnee.llm.stage  # noqa: F401  (registers "llm" and its upstream stages first)
 from gcnee.config import TRAINER_RESULT_KEYS
-from gcnee.exits.heads import ExitHeads
-from gcnee.precision import autocast_dtype
-from gcnee.stages import MARKER, StageContext, StageError, atomic_path, register, write_json
+from gcnee.exits.heads import ExitHeads, save_heads
+from gcnee.llm.backbone import load_tuned
+from gcnee.stages import StageContext, register, write_json
 from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
 
 
@@ -40,45 +40,11 @@ def build_exit_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
                                use_distributed_sampler=False)
 
 
-def load_tuned(llm_dir: Path, cfg: DictConfig | None = None) -> tuple[torch.nn.Module, Any]:
-    """The merged tuned model and its tokenizer (left padding) from the llm stage folder, with
-    the attention kernel of ``cfg.llm.attention`` (None: ``auto``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gcnee.llm.backbone import attention_kwargs
-
-    attn = (attention_kwargs(None) if cfg is None
-            else attention_kwargs(cfg.llm.attention, cfg.trainer.accelerator))
-    merged = llm_dir / "merged"
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **attn).eval()
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def save_heads(path: Path, heads: ExitHeads, cfg: DictConfig) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": heads.state_dict(), "layers": heads.layers,
-                    "answer_ids": heads.answer_ids.tolist(), "head": cfg.exits.head,
-                    "init": cfg.exits.init, "num_layers": heads.num_layers}, tmp)
-
-
-def load_heads(path: Path, model: torch.nn.Module) -> ExitHeads:
-    """Exit heads saved by this stage, rebuilt for ``model`` (the merged tuned model)."""
-    blob = torch.load(path, weights_only=True)
-    heads = ExitHeads.from_model(model, blob["layers"], blob["answer_ids"], head=blob["head"],
-                                 init="copy")
-    heads.load_state_dict(blob["state_dict"])
-    return heads
-
-
 def load_llm_states(module: Any, llm_dir: Path, layers: list[int]) -> dict[str, int]:
     """Give ``module`` the tuned model's exit-layer states that the llm stage recorded while
     scoring the validation and test prompts (``llm/hidden_{val,test}.pt``), when they cover
-    every exit layer; ``{split: samples}`` reused. They come from the LoRA-wrapped model, the
-    heads' backbone is the merged copy: the same function up to float rounding (~1e-6)."""
+    every exit layer; ``{split: samples}`` reused. They were recorded by the same layer runner
+    the scorer uses (:mod:`gcnee.llm.runner`), on the LoRA-merged weights this stage loads."""
     from gcnee.llm.stage import HIDDEN
 
     reused = {}
@@ -130,7 +96,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seconds["load"] = time.time() - t0
 
     module = ExitHeadsModule(model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
-                             lr_depth=cfg.exits.lr_depth)
+                             lr_depth=cfg.exits.lr_depth,
+                             share_prefix=cfg.llm.get("share_prefix", "auto"))
     reused = load_llm_states(module, llm_dir, heads.layers)
     logger = TensorBoardLogger(save_dir=str(ctx.log_dir), name="", version="",
                                default_hp_metric=False)
@@ -162,44 +129,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     if trainer.is_global_zero:
-        save_heads(ctx.out_dir / "heads.pt", heads, cfg)
+        save_heads(ctx.out_dir / "heads.pt", heads, cfg.exits.head, cfg.exits.init)
         if sweep.result is not None:
             summary["sweep"] = [{k: r[k] for k in ("row", "auc", "auc_lo", "auc_hi", "rps",
                                                    "speedup", "mean_exit_layer")}
                                 for r in sweep.result["rows"]]
         write_json(ctx.out_dir / "summary.json", summary)
     return summary
-
-
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """``gcnee evaluate``: the threshold/window sweep of a trained run, without training.
-
-    Uses the run's tuned model (llm stage) and exit heads (exits stage) with the current
-    ``eval.*`` settings (rule, thresholds, windows, batch size, ...); writes the sweep files to
-    ``logs/<run>/evaluate/`` and prints the table.
-    """
-    from gcnee.exits.scorer import EarlyExitScorer
-    from gcnee.exits.sweep import HEAD_PROBS, format_sweep, load_head_probs, run_sweep, write_sweep
-    from gcnee.llm.datamodule import CTRDataModule
-
-    run_dir = Path(cfg.run.checkpoints_dir) / cfg.run.name
-    for stage in ("data", "retriever", "llm", "exits"):
-        if not (run_dir / stage / MARKER).is_file():
-            raise StageError(f"gcnee evaluate needs a finished '{stage}' stage in {run_dir} "
-                             f"(run `gcnee fit --config ... --stages {stage}` first)")
-    model, tokenizer = load_tuned(run_dir / "llm", cfg)
-    heads = load_heads(run_dir / "exits" / "heads.pt", model)
-    dm = CTRDataModule(cfg, run_dir / "data", run_dir / "retriever", run_dir / "llm", tokenizer)
-    dm.prepare_data()
-    dm.setup()
-    test = dm.datasets["test"]
-    # The exit stage's recorded head probabilities, when they are for the same test samples.
-    probs = load_head_probs(run_dir / "exits" / HEAD_PROBS, test.sample_ids, heads.layers)
-    scorer = EarlyExitScorer(model, heads, autocast=autocast_dtype(cfg.trainer.precision))
-    result = run_sweep(scorer, test.input_ids, test.labels, cfg.eval,
-                       seed=int(cfg.run.seed), head_probs=probs)
-    out = Path(cfg.run.logs_dir) / cfg.run.name / "evaluate"
-    write_sweep(result, out)
-    print(format_sweep(result))
-    print(f"[gcnee] sweep written to {out}")
-    return result

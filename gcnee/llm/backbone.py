@@ -407,3 +407,20 @@ def answer_token_ids(tokenizer: Any, answer_words: list[str], use_chat_template:
         raise ConfigError(f"llm.answer_words: {words[0]!r} and {words[1]!r} map to the same token "
                           f"id {ids[0]} {where}; choose two different single-token words")
     return ids[0], ids[1]
+
+
+def load_tuned(llm_dir: str | Path, cfg: Any = None) -> tuple[Any, Any]:
+    """The merged tuned model (float32, on the CPU, eval mode) and its tokenizer (left padding)
+    from the llm stage folder (``<llm_dir>/merged``), with the attention kernel of
+    ``cfg.llm.attention`` (None: ``auto``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attn = (attention_kwargs(None) if cfg is None
+            else attention_kwargs(cfg.llm.attention, cfg.trainer.accelerator))
+    merged = Path(llm_dir) / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **attn).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -5,7 +5,9 @@ so the answer is predicted at the last position of every row: only that position
 computed (``logits_to_keep=1``). Position ids are derived from the attention mask, so a prompt
 gets the same score alone or left-padded in any batch.
 
-Score (DESIGN.md §1.4): ``P(yes) = softmax([s_yes, s_no])[0]`` at the last position. Loss
+Score (:mod:`gcnee.llm.answer`): ``P(yes) = softmax([s_yes, s_no])[0]`` at the last position.
+Validation and test scoring run through :class:`gcnee.llm.runner.LayerRunner`, which also
+records the exit layers' states for the exit stage; training uses the Hugging Face forward. Loss
 (``llm.loss``): ``vocab`` = cross-entropy over the whole vocabulary on the answer token ("Yes"
 for label 1, "No" for 0; the paper's loss), or ``binary`` = cross-entropy over the two answer
 logits only.
@@ -16,8 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from gcnee.llm.answer import prob_yes
+from gcnee.llm.runner import LayerRunner
 from gcnee.llm.shared_prefix import (
     gradient_checkpointing_active,
     last_hidden_with_shared_prefix,
@@ -75,7 +77,7 @@ def answer_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor
 
 def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
     """P(yes) (B,) = two-way softmax over the answer logits of last-position logits (B, V)."""
-    return torch.softmax(answer_logits(logits, yes_id, no_id), dim=-1)[:, 0]
+    return prob_yes(answer_logits(logits, yes_id, no_id))
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int,
@@ -97,32 +99,6 @@ def add_lora(model: torch.nn.Module, lora_cfg: DictConfig) -> torch.nn.Module:
                         lora_dropout=float(lora_cfg.dropout),
                         target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a Llama-style causal LM, peft-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
-
-
-@contextmanager
-def record_last_hidden(model: torch.nn.Module, layers: list[int]
-                       ) -> Iterator[dict[int, torch.Tensor]]:
-    """While active, each forward of ``model`` leaves ``{layer: (B, hidden)}`` in the yielded
-    dict: the last position's output of decoder layer ``layer`` (1-based, before any final
-    norm: what :func:`gcnee.exits.scorer.last_hidden_states` returns for left-padded batches)."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        def hook(_mod: Any, _inp: Any, out: Any, layer: int = layer) -> None:
-            h = out[0] if isinstance(out, tuple) else out
-            seen[layer] = h[:, -1].detach().float().cpu()
-        handles.append(decoder_layers(model)[layer - 1].register_forward_hook(hook))
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -161,6 +137,10 @@ class CTRLLMModule(L.LightningModule):
         if llm_cfg.loss not in LOSSES:
             raise ValueError(f"llm.loss must be one of {', '.join(LOSSES)}, got {llm_cfg.loss!r}")
         self.model = add_lora(model, llm_cfg.lora) if lora else model
+        # Scoring and state recording run the decoder layer by layer, as the exit scorer does
+        # (same code, so the exit heads are trained on the states they are served on); the
+        # training forward is Hugging Face's (gradients through the adapters).
+        self.runner = LayerRunner(self.model, share_prefix=llm_cfg.get("share_prefix", "auto"))
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         self.loss_kind = str(llm_cfg.loss)
         self.share_prefix = llm_cfg.get("share_prefix", "auto")
@@ -186,10 +166,35 @@ class CTRLLMModule(L.LightningModule):
         """Last-position logits (B, V) for left-padded prompts (B, T)."""
         return last_position_logits(self.model, input_ids, attention_mask, self.share_prefix)
 
-    @torch.no_grad()
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the backbone."""
+        return self.runner.num_layers
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """P(yes) (B,) float32."""
-        return yes_probability(self(input_ids, attention_mask), self.yes_id, self.no_id)
+        """P(yes) ``(B,)`` float32 of left-padded prompts ``(B, T)`` (the layer runner)."""
+        return self.score_and_record(input_ids, attention_mask)[0]
+
+    @torch.no_grad()
+    def score_and_record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         record: list[int] | None = None
+                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """P(yes) ``(B,)`` float32 of left-padded prompts ``(B, T)`` through the layer runner,
+        and the last-position outputs ``{layer: (B, hidden)}`` of the decoder layers in
+        ``record`` (raw layer outputs, as the exit heads receive them)."""
+        answer = torch.tensor([self.yes_id, self.no_id])
+        n = self.runner.num_layers
+        seen: dict[int, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+
+        def visit(layer: int, h: torch.Tensor, rows: torch.Tensor) -> None:
+            if layer in (record or ()):
+                seen[layer] = h
+            if layer == n:
+                out["p"] = prob_yes(self.runner.answer_logits(h, answer))
+
+        self.runner.run(input_ids, attention_mask, sorted({*(record or ()), n}), visit)
+        return out["p"], seen
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -226,14 +231,14 @@ class CTRLLMModule(L.LightningModule):
 
     # ---- evaluation -----------------------------------------------------------------------
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
-        with record_last_hidden(self.model, self.record_layers) as seen:
-            probs = self.score(batch["input_ids"], batch["attention_mask"])
+        probs, seen = self.score_and_record(batch["input_ids"], batch["attention_mask"],
+                                            self.record_layers)
         labels = batch["label"]
         self.eval_metrics[split].update(probs, labels)
         self.eval_logloss[split].update(
             F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float(),
                                    reduction="none"))
-        hidden = (torch.stack([seen[x] for x in self.record_layers], dim=1).numpy()
+        hidden = (torch.stack([seen[x] for x in self.record_layers], dim=1).float().cpu().numpy()
                   if self.record_layers else None)
         self._outputs[split].append((batch["sample_id"].cpu().numpy(),
                                      probs.float().cpu().numpy(), labels.cpu().numpy(), hidden))

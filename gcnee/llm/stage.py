@@ -69,12 +69,10 @@ def _device_map(cfg: DictConfig) -> Any:
 HIDDEN = "hidden_{split}.pt"
 
 
-def exit_layers_to_record(cfg: DictConfig, model: Any) -> list[int]:
-    """``exits.layers`` that exist in ``model`` (the exit stage validates them itself)."""
-    from gcnee.llm.module import decoder_layers
-
-    depth = len(decoder_layers(model))
-    return sorted({int(x) for x in cfg.exits.layers if 1 <= int(x) <= depth})
+def exit_layers_to_record(cfg: DictConfig, num_layers: int) -> list[int]:
+    """``exits.layers`` that exist in a model of ``num_layers`` decoder layers (the exit stage
+    validates them itself)."""
+    return sorted({int(x) for x in cfg.exits.layers if 1 <= int(x) <= num_layers})
 
 
 def save_hidden(path: Path, results: dict[str, np.ndarray], layers: list[int]) -> None:
@@ -195,7 +193,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seconds["train"] = time.time() - t0
 
     t0 = time.time()
-    module.record_layers = exit_layers_to_record(cfg, model)
+    module.record_layers = exit_layers_to_record(cfg, module.num_layers)
     tuned = _evaluate(build_trainer(cfg, fit=False, logger=logger), module, dm)
     seconds["tuned_eval"] = time.time() - t0
 

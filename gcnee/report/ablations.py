@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gcnee.config import ConfigError
 from gcnee.distributed import barrier, is_global_zero
-from gcnee.report.collect import collect_run, configured_row, full_row, run_dir
+from gcnee.report.collect import collect_run, configured_row, full_row
+from gcnee.run import run_dir
 from gcnee.stages import MARKER, fingerprint, run_pipeline, stage_status
 
 ABLATIONS = ("retrieval", "layers", "k", "llm_retriever")

@@ -14,61 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from gcnee.config import flat
-from gcnee.stages import MARKER, ORDER, STAGES, read_json, stage_status
-
-# Keys only the report reads: a stage keyed on the whole ``eval`` section (exits) is not
-# "outdated" because the list of ablations changed.
-REPORT_ONLY_KEYS = ("eval.ablations", "eval.ablation_ks")
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    """``<run.checkpoints_dir>/<run.name>``: the stage folders of the run."""
-    return Path(cfg.run.checkpoints_dir) / str(cfg.run.name)
+from gcnee.run import run_dir, stage_states
+from gcnee.stages import read_json
 
 
 def report_dir(cfg: DictConfig) -> Path:
     """``<run.logs_dir>/<run.name>``: where ``report.md`` and ``report.json`` go."""
     return Path(cfg.run.logs_dir) / str(cfg.run.name)
-
-
-def fresh_ignoring_report_keys(cfg: DictConfig, name: str) -> tuple[bool, str]:
-    """:func:`gcnee.stages.stage_status`, except that a stage whose recorded config differs from
-    ``cfg`` only in :data:`REPORT_ONLY_KEYS` (and whose upstream stages are fresh) counts as up
-    to date: its outputs do not depend on them."""
-    fresh, why = stage_status(cfg, name)
-    marker = run_dir(cfg) / name / MARKER
-    if fresh or not marker.is_file():
-        return fresh, why
-    old = read_json(marker).get("config", {})
-    new = flat(cfg, STAGES[name].config_keys)
-    changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in REPORT_ONLY_KEYS]
-    if changed or any(not fresh_ignoring_report_keys(cfg, r)[0] for r in STAGES[name].requires):
-        return False, why
-    return True, ""
-
-
-def stage_state(cfg: DictConfig, name: str) -> dict[str, Any]:
-    """``{status, why, seconds, finished, summary}`` of one stage of the run of ``cfg``.
-
-    ``status``: ``up to date`` (marker matches the config), ``outdated`` (finished with other
-    settings; ``why`` names them) or ``not run``.
-    """
-    marker = run_dir(cfg) / name / MARKER
-    if not marker.is_file():
-        return {"status": "not run", "why": f"no {marker}", "seconds": None, "finished": None,
-                "summary": None}
-    done = read_json(marker)
-    fresh, why = fresh_ignoring_report_keys(cfg, name)
-    return {"status": "up to date" if fresh else "outdated", "why": "" if fresh else why,
-            "seconds": done.get("seconds"), "finished": done.get("finished"),
-            "summary": done.get("summary") or {}}
-
-
-def stage_states(cfg: DictConfig, skip: tuple[str, ...] = ("report",)) -> dict[str, dict]:
-    """:func:`stage_state` of every registered stage in pipeline order (``skip`` left out)."""
-    return {name: stage_state(cfg, name) for name in ORDER if name in STAGES and name not in skip}
 
 
 def data_section(s: dict[str, Any]) -> dict[str, Any]:

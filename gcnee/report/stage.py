@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 import gcnee.pipeline  # noqa: F401  (registers the stages reported on, before this one)
 from gcnee.distributed import is_global_zero
 from gcnee.report import ablations as abl
-from gcnee.report.collect import collect_run, report_dir, run_dir
+from gcnee.report.collect import collect_run, report_dir
 from gcnee.report.render import render
+from gcnee.run import run_dir
 from gcnee.stages import StageContext, atomic_path, register, write_json
 
 # Every section a report shows or a sibling run depends on (the report itself is cheap to redo).

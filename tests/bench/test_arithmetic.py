@@ -137,20 +137,17 @@ def test_scoring_paths_share_the_autocast():
     import torch
 
     from gcnee.bench.scoring import bench_scoring_paths
-    from gcnee.exits import EarlyExitScorer, ExitHeads
 
     from tiny import make_tiny_llama, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = make_tiny_llama(len(tok), num_layers=2, seed=4)
     yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
-    heads = ExitHeads.from_model(model, [2], [yes, no], head="answer", init="copy")
     g = torch.Generator().manual_seed(0)
     requests = [torch.randint(7, 89, (n,), generator=g).tolist() for n in (6, 9, 4)]
     runs = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        scorer = EarlyExitScorer(model, heads, pad_token_id=tok.pad_token_id, autocast=dtype)
-        runs[name] = bench_scoring_paths(model, scorer, requests, 2, yes, no, tok.pad_token_id,
+        runs[name] = bench_scoring_paths(model, requests, 2, yes, no, tok.pad_token_id,
                                          repeats=1, autocast=dtype)
     assert runs["fp32"]["autocast"] is None and runs["bf16"]["autocast"] == "bfloat16"
     assert runs["fp32"]["max_abs_diff"] < 1e-5

@@ -7,14 +7,14 @@ import torch
 
 import gcnee.pipeline  # noqa: F401  (registers the stages)
 from gcnee.bench.early_exit import bench_early_exit
-from gcnee.bench.inputs import run_dir
 from gcnee.bench.run import bench_all
 from gcnee.cli import main
 from gcnee.config import flat, load_config
 from gcnee.exits.heads import ExitHeads
 from gcnee.exits.rules import make_rule
 from gcnee.exits.scorer import EarlyExitScorer
-from gcnee.exits.stage import save_heads
+from gcnee.exits.heads import save_heads
+from gcnee.run import TrainedRun, run_dir
 from gcnee.llm.backbone import answer_token_ids
 from gcnee.stages import MARKER, STAGES, StageError, fingerprint, run_pipeline, write_json
 
@@ -51,7 +51,8 @@ def tiny_run(tmp_path_factory):
     ans = answer_token_ids(tok, ["Yes", "No"], True)
     torch.manual_seed(0)
     heads = ExitHeads.from_model(model, [1, 2, 3, 4], ans, head="answer", init="random")
-    save_heads(run_dir(cfg) / "exits" / "heads.pt", heads, cfg)
+    save_heads(run_dir(cfg) / "exits" / "heads.pt", heads, "answer", "random")
+    _marker(cfg, "exits")
     return cfg, model, heads
 
 
@@ -67,9 +68,17 @@ def test_bench_all_writes_every_result(tiny_run):
 
     ex = res["exit"]
     assert ex["n_requests"] == 5 and ex["num_layers"] == 4 and ex["exit_layers"] == [1, 2, 3, 4]
-    # batch 1: full + 2 rules; batch 4: full + 2 rules x (compact, no compaction)
-    assert [(r["batch_size"], r["compact"]) for r in ex["rows"]] == [
-        (1, True)] * 3 + [(4, True), (4, True), (4, False), (4, True), (4, False)]
+    # batch 1: full + 2 rules; batch 4: full + 2 rules x (compact, no compaction), each of full
+    # and compact also without the shared prefix (the tiny prompts share 20+ tokens)
+    assert ex["prefix_sharing"] is True  # llm.share_prefix auto = on CPU
+    assert [(r["batch_size"], r["compact"], r["prefix_sharing"]) for r in ex["rows"]] == [
+        (1, True, True)] * 3 + [(4, True, True), (4, True, False)] + [
+        (4, True, True), (4, False, True), (4, True, False)] * 2
+    flipped = [r for r in ex["rows"] if not r["prefix_sharing"]]
+    assert [r["variant"] for r in flipped] == [
+        "full depth, no prefix sharing", "exit window(tau=0.1,m=2), no prefix sharing",
+        "exit window(tau=1,m=2), no prefix sharing"]
+    assert all(r["speedup_prefix_sharing"] > 0 for r in flipped[1:])
     for r in ex["rows"]:
         assert r["rps"] > 0 and len(r["seconds"]) == 1
         assert r["achieved_fraction"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
@@ -80,8 +89,9 @@ def test_bench_all_writes_every_result(tiny_run):
             assert r["mean_exit_layer"] == 3
             assert r["ideal_speedup"] == pytest.approx((4 + c) / (3 + 3 * c))
         if not r["compact"]:  # same exits, every row computed to the slowest one's layer
-            assert r["exit_layers_equal_compact"] and r["max_abs_diff_vs_compact"] < 1e-5
             assert r["computed_layers_per_row"] >= r["mean_exit_layer"]
+        if not r["compact"] or not r["prefix_sharing"]:  # same exits and scores, computed otherwise
+            assert r["exit_layers_equal_compact"] and r["max_abs_diff_vs_compact"] < 1e-5
 
     sc = res["scoring"]
     assert [p["path"] for p in sc["paths"]][-1] == sc["baseline"]
@@ -95,8 +105,8 @@ def test_bench_all_writes_every_result(tiny_run):
     assert [(s["attention"], s["share_prefix"]) for s in tr["stages"][:3]] == [
         ("eager", "auto"), ("eager", "false"), ("sdpa", "auto")]
     paths = [p["path"] for p in sc["paths"]]
-    assert paths[:3] == ["llm module (shared prefix, logits_to_keep=1)",
-                         "llm module, no prefix sharing", "llm module, sdpa attention"]
+    assert paths[:4] == ["layer runner (shared prefix)", "layer runner, no prefix sharing",
+                         "layer runner, sdpa attention", "HF forward, last position"]
     assert sc["attention"] == "eager" and sc["speedup_prefix_sharing"] > 0
     assert all(s["timed_steps"] == 1 and s["samples_per_second"] > 0 for s in tr["stages"])
     assert res["retrieval"]["subset_users"] == 4
@@ -130,21 +140,28 @@ def test_compaction_computes_fewer_layers_than_waiting(tiny_run):
 
 
 def test_missing_outputs_name_the_stages_to_run(tiny_run, tmp_path, capsys):
-    from gcnee.bench.inputs import load_tuned_with_heads
-
     cfg, _, _ = tiny_run
     heads = run_dir(cfg) / "exits" / "heads.pt"
     aside = heads.with_name("heads.pt.aside")
     heads.rename(aside)
     try:
-        with pytest.raises(StageError, match=r"heads\.pt not found.*--stages exits`"):
-            load_tuned_with_heads(cfg)
+        with pytest.raises(StageError, match=r"heads\.pt not found.*--stages exits\n"
+                                             r"run `gcnee fit --config <config> --stages exits`"):
+            TrainedRun.open(cfg)
+        TrainedRun.open(cfg, full_depth=True)  # needs no heads
     finally:
         aside.rename(heads)
     other = cfg.copy()
     other.run.name = "nothing-here"
-    with pytest.raises(StageError, match=r"llm/_SUCCESS\.json.*--stages data,retriever,llm`"):
-        load_tuned_with_heads(other)
+    with pytest.raises(StageError) as err:  # every missing output at once, with its stages
+        TrainedRun.open(other)
+    msg = str(err.value)
+    for stage, writes in (("data", "data"), ("retriever", "data,retriever"),
+                          ("llm", "data,retriever,llm"), ("exits", "exits")):
+        assert f"{stage}/_SUCCESS.json not found" in msg and f"--stages {writes}\n" in msg
+    assert "merged/config.json not found" in msg and "heads.pt not found" in msg
+    assert msg.endswith("run `gcnee fit --config <config> --stages data` first "
+                        "(run.name / run.checkpoints_dir pick the run)")
     # through the CLI: exit status 1 and the message on stderr
     rc = main(["bench", "exit", "--config", "configs/tiny.yaml",
                f"run.checkpoints_dir={tmp_path}/none", f"run.logs_dir={tmp_path}/logs"])

@@ -133,9 +133,9 @@ def test_cached_states_change_nothing_but_the_backbone_passes():
 def test_added_states_replace_the_backbone_for_those_samples():
     tok, model, module = make_module(layers=(1, 2, 4))
     batch = next(iter(toy_batches(tok, with_ids=True)))
-    from gcnee.exits.scorer import last_hidden_states
+    from gcnee.llm.runner import LayerRunner
 
-    ref = last_hidden_states(model, batch["input_ids"], batch["attention_mask"], [1, 2, 4])
+    ref = LayerRunner(model).states(batch["input_ids"], batch["attention_mask"], [1, 2, 4])
     states = torch.stack([ref[x] for x in (1, 2, 4)], dim=1) + 1.0  # marked: not recomputed
     module.add_states(batch["sample_id"].tolist(), [1, 2, 4], states)
     got = module.hidden(batch, [1, 4])

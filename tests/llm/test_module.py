@@ -10,7 +10,6 @@ from gcnee.llm.module import (
     CTRLLMModule,
     answer_loss,
     last_position_logits,
-    record_last_hidden,
     yes_probability,
 )
 
@@ -200,9 +199,10 @@ def test_checkpoint_keeps_only_trainable_weights(tok):
 
 
 def test_recorded_states_are_the_merged_models_exit_layer_states(tok):
-    """What the llm stage records while scoring equals what the exit stage would compute with
-    the merged model: so the exit stage can reuse it instead of a second pass."""
-    from gcnee.exits.scorer import last_hidden_states
+    """What the llm stage records while scoring equals, bit for bit, what the exit scorer
+    computes with the merged model for the same batches (the same layer runner): the heads are
+    trained on the states they are served on."""
+    from gcnee.exits import EarlyExitScorer, ExitHeads
 
     yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
     module = CTRLLMModule(make_tiny_llama(len(tok)), yes, no, llm_cfg(**{"lora.r": 4}))
@@ -219,12 +219,19 @@ def test_recorded_states_are_the_merged_models_exit_layer_states(tok):
     got = module.results["test"]
     assert got["sample_id"].tolist() == [10, 11, 12] and got["hidden"].shape == (3, 3, 32)
     merged = module.merged_model()
-    ref = last_hidden_states(merged, batch["input_ids"], batch["attention_mask"], [1, 2, 4])
+    scorer = EarlyExitScorer(merged, ExitHeads.from_model(merged, [1, 2, 4], (yes, no)))
+    for rows in ([0, 1], [2]):  # the loader's batches
+        b = collate_left([{"input_ids": ids_of(tok, texts[i]), "label": 0, "sample_id": i}
+                          for i in rows], tok.pad_token_id)
+        ref = scorer.runner.states(b["input_ids"], b["attention_mask"], [1, 2, 4])
+        for j, layer in enumerate((1, 2, 4)):
+            assert torch.equal(torch.from_numpy(got["hidden"][rows, j]), ref[layer]), (rows, j)
+    # the padded batch of all three: the same states up to float rounding
+    ref = scorer.runner.states(batch["input_ids"], batch["attention_mask"], [1, 2, 4])
     for j, layer in enumerate((1, 2, 4)):
         assert torch.allclose(torch.from_numpy(got["hidden"][:, j]), ref[layer], atol=1e-5)
-    with record_last_hidden(module.model, []) as seen:  # nothing asked, nothing hooked
-        module.score(batch["input_ids"], batch["attention_mask"])
-    assert seen == {}
+    _, seen = module.score_and_record(batch["input_ids"], batch["attention_mask"])
+    assert seen == {}  # nothing asked, nothing kept
 
 
 def test_evaluation_merges_lora_and_restores_it(tok):
@@ -238,13 +245,13 @@ def test_evaluation_merges_lora_and_restores_it(tok):
     unmerged = module.eval().score(batch["input_ids"], batch["attention_mask"])
     before = {n: p.clone() for n, p in module.model.named_parameters()}
     seen_merged = []
-    forward = module.forward
+    score = module.score_and_record
 
     def spy(*args, **kw):
         seen_merged.append(module.lora_merged)
-        return forward(*args, **kw)
+        return score(*args, **kw)
 
-    module.forward = spy
+    module.score_and_record = spy
     loader = DataLoader([{"input_ids": ids_of(tok, t), "label": i % 2, "sample_id": i}
                          for i, t in enumerate(texts)], batch_size=3,
                         collate_fn=lambda b: collate_left(b, tok.pad_token_id))

@@ -1,0 +1,297 @@
+"""``TrainedRun``: a finished run of ``checkpoints/<run>/`` opened once for scoring.
+
+``gcnee predict``, ``gcnee evaluate``, the benches and (through :func:`stage_state`) the report
+open a run here and nowhere else; nothing below the CLI reaches into ``bench/`` or ``report/`` to
+load one. The shape follows litgpt's ``LLM``:
+
+- ``TrainedRun(...)`` only stores built parts (config, prepared data, similar users, tokenizer,
+  model, exit heads), so tests build one from tiny in-memory parts;
+- :meth:`TrainedRun.open` reads them from the run folder: one check names every missing output
+  with the ``gcnee fit --stages`` that writes it;
+- :meth:`TrainedRun.place` puts the model and heads on a device, as a separate step (a server
+  picks the device after loading).
+
+**Which settings apply.** The run describes itself: the ``config.yaml`` its deepest stage saved
+says how its prompts were built and how it was trained. The command line changes only serving
+settings (:data:`SERVING_KEYS`: ``eval.*``, ``bench.*``, ``serve.*``, where the run lives, the
+device and precision to score with, the attention kernel, prefix sharing). A command-line value
+that would change the prompts or tokens (:data:`PROMPT_KEYS`) fails with the key named; any other
+difference (training settings) is reported in one warning and the run's own value is used.
+
+**Freshness, one policy.** A stage that is outdated with respect to the run's own config (e.g.
+the llm stage was retrained after the exit stage ran) is a warning naming why; the outputs are
+used as they are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gcnee.config import flat
+from gcnee.stages import MARKER, ORDER, STAGES, StageError, read_json, stage_status
+
+# Keys the command line may change when a trained run is used: where it lives, how it is scored.
+SERVING_KEYS = (
+    "run", "eval", "bench", "serve",
+    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+    "trainer.precision", "trainer.enable_progress_bar", "trainer.num_workers",
+    "llm.attention", "llm.share_prefix", "llm.eval_batch_size",
+)
+# Keys that change the prompts' tokens: a trained run is scored with the prompts it was built on.
+PROMPT_KEYS = ("data", "retriever", "prompt", "llm.model", "llm.answer_words",
+               "llm.max_length", "llm.use_chat_template")
+# Keys only the report reads: a stage keyed on the whole ``eval`` section (exits) is not
+# "outdated" because the list of ablations changed.
+REPORT_ONLY_KEYS = ("eval.ablations", "eval.ablation_ks")
+
+# What each stage leaves that a trained run needs, and the --stages that writes it.
+OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "data": ((MARKER, "the 'data' stage has not finished"),),
+    "retriever": ((MARKER, "the 'retriever' stage has not finished"),),
+    "llm": ((MARKER, "the 'llm' stage has not finished"),
+            ("merged/config.json", "the llm stage's merged tuned model")),
+    "exits": ((MARKER, "the 'exits' stage has not finished"),
+              ("heads.pt", "the exit stage's trained heads (or use --full-depth)")),
+}
+WRITTEN_BY = {"data": "data", "retriever": "data,retriever", "llm": "data,retriever,llm",
+              "exits": "exits"}
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<run.checkpoints_dir>/<run.name>``: the stage folders of the run."""
+    return Path(cfg.run.checkpoints_dir) / str(cfg.run.name)
+
+
+def missing_outputs(folder: Path, stages: list[str]) -> list[str]:
+    """``"<path> (<what>): --stages <s>"`` for every output of ``stages`` absent in ``folder``."""
+    out = []
+    for stage in stages:
+        for rel, what in OUTPUTS[stage]:
+            path = folder / stage / rel
+            if not path.exists():
+                out.append(f"{path} not found ({what}): --stages {WRITTEN_BY[stage]}")
+    return out
+
+
+def check_run(folder: Path, stages: list[str]) -> None:
+    """Raise a :class:`StageError` listing every missing output of ``stages`` at once."""
+    missing = missing_outputs(folder, stages)
+    if missing:
+        first = missing[0].rsplit("--stages ", 1)[1]
+        raise StageError("the run is not complete:\n  " + "\n  ".join(missing)
+                         + f"\nrun `gcnee fit --config <config> --stages {first}` first "
+                         "(run.name / run.checkpoints_dir pick the run)")
+
+
+def fresh_ignoring_report_keys(cfg: DictConfig, name: str) -> tuple[bool, str]:
+    """:func:`gcnee.stages.stage_status`, except that a stage whose recorded config differs from
+    ``cfg`` only in :data:`REPORT_ONLY_KEYS` (and whose upstream stages are fresh) counts as up
+    to date: its outputs do not depend on them."""
+    fresh, why = stage_status(cfg, name)
+    marker = run_dir(cfg) / name / MARKER
+    if fresh or not marker.is_file():
+        return fresh, why
+    old = read_json(marker).get("config", {})
+    new = flat(cfg, STAGES[name].config_keys)
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in REPORT_ONLY_KEYS]
+    if changed or any(not fresh_ignoring_report_keys(cfg, r)[0] for r in STAGES[name].requires):
+        return False, why
+    return True, ""
+
+
+def stage_state(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """``{status, why, seconds, finished, summary}`` of one stage of the run of ``cfg``.
+
+    ``status``: ``up to date`` (marker matches the config), ``outdated`` (finished with other
+    settings; ``why`` names them) or ``not run``.
+    """
+    marker = run_dir(cfg) / name / MARKER
+    if not marker.is_file():
+        return {"status": "not run", "why": f"no {marker}", "seconds": None, "finished": None,
+                "summary": None}
+    done = read_json(marker)
+    fresh, why = fresh_ignoring_report_keys(cfg, name)
+    return {"status": "up to date" if fresh else "outdated", "why": "" if fresh else why,
+            "seconds": done.get("seconds"), "finished": done.get("finished"),
+            "summary": done.get("summary") or {}}
+
+
+def stage_states(cfg: DictConfig, skip: tuple[str, ...] = ("report",)) -> dict[str, dict]:
+    """:func:`stage_state` of every registered stage in pipeline order (``skip`` left out)."""
+    return {name: stage_state(cfg, name) for name in ORDER if name in STAGES and name not in skip}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def run_config(cfg: DictConfig, folder: Path, stage: str) -> DictConfig:
+    """The config a trained run is scored with: the one ``stage`` saved in ``folder``, with the
+    serving settings of ``cfg`` (module docstring). Raises :class:`StageError` when ``cfg``
+    changes a key that changes the prompts; warns once about other keys it changes."""
+    path = folder / stage / "config.yaml"
+    if not path.is_file():
+        return cfg.copy()  # a run written before stages saved their config: trust the caller
+    # Over the caller's (structured) config: a key the run's gcnee did not have yet keeps the
+    # caller's value and so never counts as a difference.
+    saved = OmegaConf.merge(cfg, OmegaConf.load(path))
+    sections = [str(k) for k in cfg.keys()]
+    mine, theirs = flat(cfg, sections), flat(saved, sections)
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if mine.get(k) != theirs.get(k) and not _under(k, SERVING_KEYS))
+    conflicts = [k for k in differ if _under(k, PROMPT_KEYS)]
+    if conflicts:
+        lines = [f"{k}: the run has {theirs.get(k)!r}, the command line {mine.get(k)!r}"
+                 for k in conflicts]
+        raise StageError(f"run '{folder.name}' was built with other prompt settings:\n  "
+                         + "\n  ".join(lines) + "\nthese keys change the prompts' tokens; use "
+                         "the run's config (its " + str(path) + ") or train a new run")
+    if differ:
+        warnings.warn(f"run '{folder.name}' was trained with other settings ("
+                      + "; ".join(f"{k}={theirs.get(k)!r}, not {mine.get(k)!r}"
+                                  for k in differ[:8])
+                      + (f"; and {len(differ) - 8} more" if len(differ) > 8 else "")
+                      + "): scoring the run as it was trained", stacklevel=3)
+    out = saved.copy()
+    for key in SERVING_KEYS:
+        node = OmegaConf.select(cfg, key)
+        if node is not None:
+            OmegaConf.update(out, key, node, merge=False)
+    return out
+
+
+def _warn_outdated(cfg: DictConfig, stages: list[str]) -> None:
+    for stage in stages:
+        fresh, why = fresh_ignoring_report_keys(cfg, stage)
+        if not fresh:
+            warnings.warn(f"stage '{stage}' in {run_dir(cfg) / stage} is not up to date for "
+                          f"the run's config ({why}); using its outputs as they are",
+                          stacklevel=3)
+
+
+class TrainedRun:
+    """A trained run's parts, ready to score (module docstring).
+
+    Args:
+        cfg (DictConfig): the config the run is scored with (:func:`run_config`).
+        tokenizer: the tuned model's tokenizer (left padding).
+        model (nn.Module): the merged tuned causal LM.
+        heads (ExitHeads): the exit heads; for a full-depth run, only the model's own head.
+        answer_ids (tuple of int): ``(yes_id, no_id)``.
+        prepared (PreparedData, optional): the data stage's tables (requests, histories).
+        similar (SimilarUsers, optional): the retriever stage's similar users (None: no
+            retrieval).
+        folder (Path, optional): the run folder (``checkpoints/<run>``).
+        full_depth (bool, optional): no early exit (default: :obj:`False`).
+        fingerprint (str, optional): the deepest stage's fingerprint: identifies what is served.
+    """
+
+    def __init__(self, cfg: DictConfig, tokenizer: Any, model: Any, heads: Any,
+                 answer_ids: tuple[int, int], prepared: Any = None, similar: Any = None,
+                 folder: Path | None = None, full_depth: bool = False,
+                 fingerprint: str | None = None) -> None:
+        self.cfg, self.tokenizer, self.model, self.heads = cfg, tokenizer, model, heads
+        self.answer_ids = (int(answer_ids[0]), int(answer_ids[1]))
+        self.prepared, self.similar = prepared, similar
+        self.folder, self.full_depth, self.fingerprint = folder, bool(full_depth), fingerprint
+        self.name = str(cfg.run.name)
+        self._scorer = None
+
+    @classmethod
+    def open(cls, cfg: DictConfig, *, full_depth: bool = False, tables: bool = True
+             ) -> TrainedRun:
+        """Read the run of ``cfg`` (``run.checkpoints_dir``/``run.name``) from disk, on the CPU.
+
+        ``full_depth``: the exit stage is not needed (the model's own head answers).
+        ``tables``: also load the data stage's tables and the similar users (what requests
+        need; the benches and ``evaluate`` read prompts from the token cache instead).
+        """
+        import gcnee.pipeline  # noqa: F401  (registers the stages: freshness needs them)
+
+        folder = run_dir(cfg)
+        stages = ["data", "retriever", "llm"] + ([] if full_depth else ["exits"])
+        check_run(folder, stages)
+        run_cfg = run_config(cfg, folder, stages[-1])
+        _warn_outdated(run_cfg, stages)
+        from gcnee.exits.heads import ExitHeads, load_heads
+        from gcnee.llm.backbone import answer_token_ids, load_tuned
+
+        model, tokenizer = load_tuned(folder / "llm", run_cfg)
+
+        answer_ids = answer_token_ids(tokenizer, list(run_cfg.llm.answer_words),
+                                      run_cfg.llm.use_chat_template)
+        if full_depth:
+            n = int(model.config.num_hidden_layers)
+            heads = ExitHeads.from_model(model, [n], answer_ids, head="answer", init="copy")
+        else:
+            heads = load_heads(folder / "exits" / "heads.pt", model)
+        prepared = similar = None
+        if tables:
+            from gcnee.data.tables import PreparedData
+
+            prepared = PreparedData.load(folder / "data")
+            if run_cfg.retriever.kind != "none":
+                from gcnee.retrieval.similar import SimilarUsers
+
+                similar = SimilarUsers.load(folder / "retriever")
+        fp = read_json(folder / stages[-1] / MARKER).get("fingerprint")
+        return cls(run_cfg, tokenizer, model, heads, answer_ids, prepared, similar, folder,
+                   full_depth, fp)
+
+    # -- placement -----------------------------------------------------------------------------
+
+    def place(self, device: Any = None) -> TrainedRun:
+        """Move the model and heads to ``device`` (default: CUDA when ``trainer.accelerator``
+        asks for it and one is there, else the CPU); returns ``self``."""
+        import torch
+
+        from gcnee.training import uses_cuda
+
+        if device is None:
+            device = "cuda" if uses_cuda(self.cfg.trainer.accelerator) else "cpu"
+        device = torch.device(device)
+        self.model.to(device)
+        self.heads.to(device)
+        return self
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def scorer(self) -> Any:
+        """The run's :class:`~gcnee.exits.scorer.EarlyExitScorer` (built once), under the
+        autocast of ``trainer.precision`` and with ``llm.share_prefix``."""
+        if self._scorer is None:
+            from gcnee.exits.scorer import EarlyExitScorer
+            from gcnee.precision import autocast_dtype
+
+            self._scorer = EarlyExitScorer(
+                self.model, self.heads, answer_ids=self.answer_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                autocast=autocast_dtype(self.cfg.trainer.precision),
+                share_prefix=self.cfg.llm.get("share_prefix", "auto"))
+        return self._scorer
+
+    def datamodule(self, batch_size: int | None = None) -> Any:
+        """The run's ``CTRDataModule``, set up (the llm stage's token cache is reused);
+        ``batch_size`` overrides ``llm.batch_size`` for its training loader."""
+        from gcnee.llm.datamodule import CTRDataModule
+
+        if self.folder is None:
+            raise StageError("this run was built from parts: it has no folder to read prompts "
+                             "from")
+        cfg = self.cfg.copy()
+        if batch_size is not None:
+            cfg.llm.batch_size = int(batch_size)
+        dm = CTRDataModule(cfg, self.folder / "data", self.folder / "retriever",
+                           self.folder / "llm", self.tokenizer)
+        dm.prepare_data()
+        dm.setup()
+        return dm
