@@ -55,7 +55,7 @@ class DataConfig:
     missing_title: str = "drop"  # drop | id: items without a title are dropped or titled by id
     keep_implicit: bool = False  # BookCrossing rating 0 (implicit feedback)
     max_bad_fraction: float = 0.01  # share of malformed lines per file above which the run stops
-    # Samples (DESIGN.md §1.1)
+    # Samples (docs/method.md §1)
     label_threshold: float = 3.0
     label_op: str = ">"  # ">" or ">=": label = rating <op> label_threshold
     max_history: int = 15
@@ -146,8 +146,9 @@ class PromptConfig:
     examples_header: str = "Ratings by users with similar taste:"  # "" = no header line
     history_header: str = "The user's ratings, oldest first:"
     history_items: int | None = None  # most recent history items shown; null = all of the sample's
-    # An explicit aggregate of the similar users' ratings of the target (DESIGN.md §5), shown as
-    # the first example line when at least one of them rated it.
+    # An explicit aggregate of the similar users' ratings of the target
+    # (docs/measurements.md §4), shown as the first example line when at least one of them rated
+    # it.
     target_aggregate: bool = False
     target_aggregate_template: str = (
         "On average, similar users rated {title} {mean:.1f} stars ({count} of {k} rated it)."

@@ -1,5 +1,5 @@
 """Simple non-LLM scorers on the LLM's own evaluation samples, so a weak LLM is never mistaken
-for a strong one (DESIGN.md §5).
+for a strong one (docs/measurements.md §4).
 
 - ``item_mean``: the target item's mean rating in the context graph (``PreparedData.graph``:
   training interactions only, no evaluation target), shrunk toward the global mean.

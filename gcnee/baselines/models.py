@@ -3,7 +3,8 @@
 Compact re-implementations (no maintained PyPI library covers all four with these inputs at a
 reasonable dependency cost: deepctr-torch has DeepFM/DIN only and its own training loop plus
 scikit-learn; torch-rechub has DeepFM/DIN and GRU4Rec only as a retrieval model, no SIM; fuxictr
-has SIM but pulls ray, polars, pyarrow and h5py; RecBole is excluded by DESIGN.md).
+has SIM but pulls ray, polars, pyarrow and h5py; RecBole is not a dependency: gcnee only reads
+its ml-100k files).
 
 Every model maps a batch (see ``gcnee.baselines.data``) to one logit per row:
 

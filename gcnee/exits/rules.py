@@ -8,7 +8,7 @@ always answers; that is applied by the scorer and by :func:`replay`, not by the 
 
 Rules (``eval.rule``):
 
-* ``window`` — the paper's rule (DESIGN.md §1.6). Discrepancy between consecutive heads
+* ``window`` — the paper's rule (docs/method.md §6). Discrepancy between consecutive heads
   ``D_j = |P_j - P_{j-1}|`` (defined from head 1 on); ``D̄`` = mean of the previous ``m``
   discrepancies ``D_{j-m} .. D_{j-1}``; head ``j`` answers when ``|D_j - D̄| < τ``.
   *First heads:* head 0 has no discrepancy and head 1 has no previous one, so neither can answer.

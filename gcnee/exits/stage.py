@@ -113,7 +113,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.time()
     test = dm.datasets["test"]
     sweep = ThresholdSweepCallback(test.input_ids, test.labels, cfg.eval, ctx.out_dir,
-                                   seed=int(cfg.run.seed), sample_ids=test.sample_ids)
+                                   seed=int(cfg.run.seed), sample_ids=test.sample_ids,
+                                   share_prefix=cfg.llm.get("share_prefix", "auto"))
     tester = build_exit_trainer(cfg, fit=False, logger=logger, callbacks=[sweep])
     metrics = tester.test(module, datamodule=dm, verbose=False)[0]
     seconds["test_and_sweep"] = time.time() - t0

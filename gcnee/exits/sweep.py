@@ -253,8 +253,10 @@ class ThresholdSweepCallback(L.Callback):
 
     def __init__(self, requests: Sequence[Sequence[int]], labels: Sequence[int], eval_cfg: Any,
                  out_dir: str | Path, seed: int = 0,
-                 sample_ids: Sequence[int] | None = None) -> None:
+                 sample_ids: Sequence[int] | None = None,
+                 share_prefix: bool | str | None = "auto") -> None:
         self.requests, self.labels, self.sample_ids = requests, labels, sample_ids
+        self.share_prefix = share_prefix
         self.eval_cfg, self.out_dir, self.seed = eval_cfg, Path(out_dir), seed
         self.result: dict[str, Any] | None = None
 
@@ -277,7 +279,8 @@ class ThresholdSweepCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads,
-                                 autocast=autocast_dtype(trainer.precision))
+                                 autocast=autocast_dtype(trainer.precision),
+                                 share_prefix=self.share_prefix)
         probs = self._recorded_probs(trainer, pl_module)
         if probs is not None and self.sample_ids is not None:
             save_head_probs(self.out_dir / HEAD_PROBS, probs, self.sample_ids,

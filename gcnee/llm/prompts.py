@@ -1,10 +1,10 @@
 """CTR prompts: similar users' examples, the user's history, the target, the question -> token ids.
 
-A prompt has five parts (DESIGN.md §1.3): the instruction, example lines from the retrieved similar
-users ("User A rated <title> with 5 stars."; training-graph interactions only), the query user's
-own history with ratings (oldest first), the target item and the question. Templates come from
-``PromptConfig``. The token ids always end exactly where the answer word starts, so the answer is
-predicted at the last position whatever the titles contain:
+A prompt has five parts (docs/method.md §3): the instruction, example lines from the retrieved
+similar users ("User A rated <title> with 5 stars."; training-graph interactions only), the query
+user's own history with ratings (oldest first), the target item and the question. Templates come
+from ``PromptConfig``. The token ids always end exactly where the answer word starts, so the answer
+is predicted at the last position whatever the titles contain:
 
 - with a chat template (``llm.use_chat_template`` and the tokenizer has one): the instruction is the
   system message (or leads the user message when the template has no system role), the rest is the

@@ -10,12 +10,11 @@ from gcnee.bench.early_exit import bench_early_exit
 from gcnee.bench.run import bench_all
 from gcnee.cli import main
 from gcnee.config import flat, load_config
-from gcnee.exits.heads import ExitHeads
+from gcnee.exits.heads import ExitHeads, save_heads
 from gcnee.exits.rules import make_rule
 from gcnee.exits.scorer import EarlyExitScorer
-from gcnee.exits.heads import save_heads
-from gcnee.run import TrainedRun, run_dir
 from gcnee.llm.backbone import answer_token_ids
+from gcnee.run import TrainedRun, run_dir
 from gcnee.stages import MARKER, STAGES, StageError, fingerprint, run_pipeline, write_json
 
 from tiny import make_tiny_llama, make_tiny_tokenizer

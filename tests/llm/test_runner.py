@@ -14,6 +14,7 @@ from gcnee.llm.runner import (
     length_sorted_batches,
     positions_from_mask,
 )
+
 from tiny import make_tiny_llama
 
 PREFIX = list(range(10, 30))  # 20 shared tokens: above the 16-token sharing minimum
