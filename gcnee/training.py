@@ -16,8 +16,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gcnee import quiet
 from gcnee.distributed import is_global_zero
 from gcnee.precision import autocast_dtype, cpu_has_native_bf16
+from gcnee.progress import ProgressLogCallback, lines_wanted
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -26,13 +28,18 @@ def uses_cuda(accelerator: str) -> bool:
 
 
 def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logger: Any = None,
-                        callbacks: list[Any] | None = None, **overrides: Any) -> L.Trainer:
+                        callbacks: list[Any] | None = None, progress_name: str | None = None,
+                        **overrides: Any) -> L.Trainer:
     """``L.Trainer`` built from ``trainer_cfg`` (``cfg.trainer``); ``overrides`` win.
 
     Defaults beyond the config: no sanity validation steps, no model summary, no logger unless
-    one is given.
+    one is given. When stdout is not a terminal (``gcnee.progress.lines_wanted``) the progress
+    bar is off and a ``ProgressLogCallback`` prints plain progress lines instead, prefixed by
+    ``progress_name`` (default: the stage of the LightningModule). In the CLI's quiet mode
+    (``gcnee.quiet``, no ``--verbose``) the model summary table is not printed either.
     """
-    t = trainer_cfg
+    t = _with_defaults(trainer_cfg)
+    quiet.reapply()
     callbacks = list(callbacks or [])
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
@@ -45,9 +52,28 @@ def trainer_from_config(trainer_cfg: Any, *, max_epochs: int | None = None, logg
     if max_epochs is not None:
         kwargs["max_epochs"] = int(max_epochs)
     kwargs.update(overrides)
+    if lines_wanted():
+        # A bar in a log file is a stream of carriage returns; plain lines instead.
+        kwargs["enable_progress_bar"] = False
+        if not any(isinstance(c, ProgressLogCallback) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ProgressLogCallback(progress_name)]
+    if quiet.is_quiet():
+        kwargs["enable_model_summary"] = False
     trainer = L.Trainer(**kwargs)
     _warn_slow_cpu_bf16(trainer)
     return trainer
+
+
+def _with_defaults(trainer_cfg: Any) -> Any:
+    """``trainer_cfg`` with every ``TrainerConfig`` key it lacks at its default (None: all)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from gcnee.config import TrainerConfig
+
+    defaults = TrainerConfig()
+    return SimpleNamespace(**{f.name: getattr(trainer_cfg, f.name, getattr(defaults, f.name))
+                              for f in dataclasses.fields(TrainerConfig)})
 
 
 _warned_bf16 = False

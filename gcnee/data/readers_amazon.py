@@ -36,7 +36,7 @@ def iter_records(path: Path, report: LineReport, encoding: str) -> Iterator[tupl
     decode = decoder(encoding)
     # JSONDecoder.raw_decode skips json.loads' per-call overhead (type and encoding checks)
     raw_decode = json.JSONDecoder().raw_decode
-    for lineno, raw in iter_lines(path):
+    for lineno, raw in iter_lines(path, progress=True):
         report.lines += 1
         try:
             text = decode(raw).strip()

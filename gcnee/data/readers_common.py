@@ -147,13 +147,35 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(1-based line number, line bytes without the line end)`` for non-blank lines."""
+def iter_lines(path: Path, progress: bool = False) -> Iterator[tuple[int, bytes]]:
+    """``(1-based line number, line bytes without the line end)`` for non-blank lines.
+
+    ``progress``: plain progress lines while a slow read goes on (``gcnee.progress``; a read
+    shorter than the line interval prints nothing).
+    """
+    log = None
+    if progress:
+        from gcnee.progress import ProgressLog
+
+        size = None if _is_gzip(path) else max(1, path.stat().st_size // 1_000_000)
+        log = ProgressLog(f"data: reading {path.name}", size, "MB" if size else "line",
+                          only_if_slow=True)
+    done = 0
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            done += len(raw)
+            if log is not None and not lineno % 20_000:
+                log.update(count=done // 1_000_000 if log.total else lineno)
             raw = raw.rstrip(b"\r\n")
             if raw and not raw.isspace():
                 yield lineno, raw
+    if log is not None:
+        log.done()
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def decoder(encoding: str):

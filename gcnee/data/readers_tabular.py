@@ -288,7 +288,7 @@ def iter_rows(path: Path, report: LineReport, encoding: str, split: Splitter, *,
     to repair (``QuotedSplitter.last_repair``) are counted in ``report.repaired``.
     """
     decode = decoder(encoding)
-    lines = iter_lines(path)
+    lines = iter_lines(path, progress=True)
     if skip_header:
         next(lines, None)
     for lineno, raw in lines:

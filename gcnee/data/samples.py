@@ -1,6 +1,6 @@
 """CTR samples from an interactions table: histories, labels, the split, the graph, few-shot.
 
-Rules (DESIGN.md §1.1), all deterministic for a given seed:
+Rules (docs/method.md §1), all deterministic for a given seed:
 
 - **Order.** Each user's interactions are sorted by ``(timestamp, row index)``: the row index of
   the interactions table (the reader's file order) breaks timestamp ties, so equal timestamps keep
@@ -16,7 +16,7 @@ Rules (DESIGN.md §1.1), all deterministic for a given seed:
 - **Split.** ``random``: one seeded permutation of all samples cut ``data.split_ratios`` (8:1:1),
   so users stay warm. ``global_time``: samples sorted by ``(timestamp, sample_id)``, the earliest
   share is train, then val, then test. On ML-100K this leaves most test samples with users who
-  have no training sample at all (86 % measured, DESIGN.md §3): a retriever keyed on graph
+  have no training sample at all (86 % measured, docs/method.md §1): a retriever keyed on graph
   membership finds nothing for them unless it derives cold-user embeddings from the history.
 - **Graph.** Every interaction except the targets of val/test samples, and except any other
   rating of the same (user, item) pair as such a target (a repeated rating would put the
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from gcnee.config import ConfigError
 from gcnee.data.errors import DataError
 from gcnee.data.tables import SPLITS, Interactions, Items, Sample
+from gcnee.progress import lines_wanted, progress
 
 LABEL_OPS = (">", ">=")
 SPLIT_KINDS = ("random", "global_time")
@@ -94,7 +95,12 @@ def build_samples(inter: Interactions, items: Items, data_cfg: DictConfig) -> li
 
     samples: list[Sample] = []
     n_users = len(starts) - 1
-    for u in tqdm(range(n_users), desc="samples", unit="user", disable=len(inter) < 200_000):
+    users = range(n_users)
+    if lines_wanted():  # a log file: plain lines, and only if the build is slow
+        users = progress(users, "data: building samples", unit="user", only_if_slow=True)
+    else:
+        users = tqdm(users, desc="samples", unit="user", disable=len(inter) < 200_000)
+    for u in users:
         rows = order[starts[u]:starts[u + 1]].tolist()
         seen: dict[str, int] = {}  # item -> earlier ratings of it by this user
         for j, row in enumerate(rows):

@@ -29,6 +29,7 @@ from torch_geometric.metrics import LinkPredRecall
 
 from gcnee.data.tables import Sample
 from gcnee.retrieval.lightgcn import BipartiteGraph, LightGCNRetriever, positive_mask
+from gcnee.training import trainer_from_config
 
 
 @dataclass
@@ -211,8 +212,9 @@ def fit_retriever(module: RetrieverModule, *, epochs: int, patience: int, ckpt_d
     """Train ``module`` with Lightning (early stopping + best checkpoint on val recall@k).
 
     The graph is propagated whole on one device (``devices=1``); ``trainer_cfg`` supplies the
-    accelerator, precision, progress bar and log interval. Loads the best weights back into
-    ``module`` and returns ``{"best_checkpoint", "best_recall", "epochs", "seconds"}``.
+    accelerator, precision, determinism, progress bar and log interval (None: the defaults).
+    Loads the best weights back into ``module`` and returns ``{"best_checkpoint", "best_recall",
+    "epochs", "seconds"}``.
     """
     has_val = module.held is not None and len(module.held) > 0
     monitor = module.recall_name if has_val else None
@@ -223,15 +225,14 @@ def fit_retriever(module: RetrieverModule, *, epochs: int, patience: int, ckpt_d
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience))
     steps = max(1, -(-module.graph.num_edges // module.hparams.batch_size))
     tc = trainer_cfg
-    trainer = L.Trainer(
-        max_epochs=epochs, callbacks=callbacks, devices=1,
-        accelerator=getattr(tc, "accelerator", "auto"),
-        precision=getattr(tc, "precision", "32-true"),
+    trainer = trainer_from_config(
+        tc, max_epochs=epochs, callbacks=callbacks, progress_name="retriever",
+        # the whole graph propagates on one device, whatever trainer.devices says for the LLM
+        devices=1, strategy="auto", num_nodes=1,
         logger=TensorBoardLogger(str(log_dir), name="", version="") if log_dir else False,
-        log_every_n_steps=min(getattr(tc, "log_every_n_steps", 10), steps),
-        enable_progress_bar=getattr(tc, "enable_progress_bar", True),
-        enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=min(int(getattr(tc, "log_every_n_steps", 10)), steps),
         limit_val_batches=1.0 if has_val else 0, limit_train_batches=limit_train_batches,
+        gradient_clip_val=None,
     )
     start = time.perf_counter()
     trainer.fit(module)

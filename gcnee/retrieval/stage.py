@@ -21,6 +21,7 @@ import torch
 
 import gcnee.data.stage  # noqa: F401  (registers "data", which this stage requires)
 from gcnee.data.tables import PreparedData
+from gcnee.paths import portable
 from gcnee.retrieval.lightgcn import BipartiteGraph
 from gcnee.retrieval.module import (
     HeldOut,
@@ -82,7 +83,9 @@ def _run_gcn(ctx: StageContext, graph: BipartiteGraph, held: HeldOut) -> tuple[S
     recall = recall_at_k(lambda u: users[torch.as_tensor(u)] @ items.t(), graph, held,
                          rc.recall_k)
     info = {"train_seconds": fit["seconds"], "epochs_run": fit["epochs"],
-            "best_checkpoint": fit["best_checkpoint"], "search_seconds": round(search_s, 3),
+            # relative to the run folder (gcnee.paths): a copied run folder stays consistent
+            "best_checkpoint": portable(fit["best_checkpoint"], ctx.run_dir) or None,
+            "search_seconds": round(search_s, 3),
             f"val_recall@{rc.recall_k}_gcn": recall}
     return sim, info
 

@@ -1,4 +1,4 @@
-"""Sample rules (DESIGN.md §1.1): history cap, min history, labels, split, graph, few-shot."""
+"""Sample rules (docs/method.md §1): history cap, min history, labels, split, graph, few-shot."""
 
 from __future__ import annotations
 
@@ -220,3 +220,20 @@ def test_few_shot_config_errors(overrides, match):
     samples = build_samples(inter, items, data_cfg())
     with pytest.raises(ConfigError, match=match):
         few_shot_ids(samples, data_cfg(*overrides), 0)
+
+
+def test_eval_subset_and_capped_train_follow_the_llm_stage_rules():
+    """The data stage counts the classes of the evaluation subsets and of the LLM's training
+    cap with copies of the llm stage's rules (no torch import there): they must agree."""
+    from gcnee.data.samples import capped_train, eval_subset
+    from gcnee.llm.datamodule import eval_subset as llm_eval_subset
+
+    inter, items = big_table()
+    samples = build_samples(inter, items, data_cfg())
+    for limit in (None, 1, 37, len(samples) + 5):
+        assert eval_subset(samples, limit, 3) == llm_eval_subset(samples, limit, 3)
+    # the llm stage's current cap: rng(seed).permutation(n)[:cap], in few-shot order
+    pick = np.random.default_rng(3).permutation(len(samples))[:50]
+    assert capped_train(samples, 50, "none", 3) == [samples[i] for i in sorted(pick)]
+    balanced = capped_train(samples, 50, "balanced", 3)
+    assert len(balanced) == 50 and sum(s.label for s in balanced) == 25

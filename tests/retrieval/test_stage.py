@@ -101,7 +101,13 @@ def test_llm_kind(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer):
 
 
 def test_bad_kind(staged, tmp_path):
+    from gcnee.config import ConfigError
     from gcnee.stages import StageError
 
+    # refused when the config is loaded (before any stage); the stage still checks its own
+    with pytest.raises(ConfigError, match="retriever.kind must be one of gcn, llm"):
+        config(tmp_path, "retriever.kind=knn")
+    cfg = config(tmp_path)
+    cfg.retriever.kind = "knn"
     with pytest.raises(StageError, match="retriever.kind"):
-        run_stage(config(tmp_path, "retriever.kind=knn"), "retriever")
+        run_stage(cfg, "retriever")
