@@ -11,6 +11,12 @@
     gcnee report RUN | gcnee report --config FILE [key=value ...]
     gcnee compare RUN [RUN ...] [--split val|test]
     gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
+
+Flags and ``key=value`` overrides may come in any order. Every command takes ``--verbose``
+(Lightning's banners and tips, third-party deprecation warnings; ``gcnee.quiet``). The config
+is loaded and checked before torch, transformers or Lightning are imported, so a config mistake,
+an unknown stage or a missing data file is reported in well under a second; before any stage of
+``gcnee fit`` runs, ``llm.model`` is resolved (``gcnee.preflight``) when a stage will load it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from pathlib import Path
 
 from gcnee.config import ConfigError, load_config
 
+# gcnee.pipeline's stages in order, known without importing them (torch, transformers);
+# tests/test_cli.py checks that it matches gcnee.stages.ORDER.
+PIPELINE_STAGES = ("data", "baselines", "retriever", "llm", "exits", "report")
+# Positional arguments that collect the free words of a command (overrides, run names).
+_FREE_WORDS = ("overrides", "args", "runs")
+
 
 def _split(values: list[str]) -> list[str]:
     return [s for v in values for s in v.split(",") if s]
@@ -29,6 +41,17 @@ def _split(values: list[str]) -> list[str]:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. llm.lr=5e-4)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on ``parser`` and, recursively, on every subcommand's parser."""
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="show everything: Lightning's banners and tips, third-party "
+                             "deprecation warnings, model loading bars")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_verbose(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", "-i", required=True, help="requests, one JSON object a line")
     pred.add_argument("--output", "-o", required=True, help="scores, one JSON object a line")
     pred.add_argument("--full-depth", action="store_true", help="no early exit (all layers)")
+    _add_verbose(parser)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line whose flags and ``key=value`` overrides come in any order.
+
+    argparse fills a ``nargs="*"`` positional from its first run of words only (and its
+    intermixed mode refuses subcommands), so words left over after a flag are appended to the
+    command's free words in the order given; a leftover flag is an error.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [e for e in extra if e.startswith("-") and e != "-"]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    if extra:
+        target = next((name for name in _FREE_WORDS if hasattr(args, name)), None)
+        if target is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, target, [*(getattr(args, target) or []), *extra])
+    args.verbose = getattr(args, "verbose", False)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from gcnee import quiet
+
+    quiet.install(verbose=args.verbose)
     try:
         return _dispatch(args)
     except ConfigError as err:
@@ -111,25 +159,72 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _fit_preflight(cfg, wanted: list[str] | None, force: bool) -> None:
+    """Everything ``gcnee fit`` can check before a stage runs, cheapest first: stage names, the
+    ablations, the data files (when the data stage will run), then ``llm.model``."""
+    from gcnee.report.ablations import check_ablations
+    from gcnee.stages import StageError
+
+    unknown = [s for s in wanted or [] if s not in PIPELINE_STAGES]
+    if unknown:
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(PIPELINE_STAGES)}")
+    check_ablations(cfg)  # fail now, not after hours of training
+    if wanted is None or "data" in wanted:
+        _data_preflight(cfg, force)
+    from gcnee.preflight import check_model, stages_needing_model
+    from gcnee.stages import MARKER
+
+    # A fresh or forced llm stage needs the model: said at once, without the heavy imports.
+    llm_marker = Path(cfg.run.checkpoints_dir) / cfg.run.name / "llm" / MARKER
+    if (wanted is None or "llm" in wanted) and (force or not llm_marker.is_file()):
+        check_model(cfg.llm, cfg.run.checkpoints_dir)
+        return
+    import gcnee.pipeline  # noqa: F401  (registers the stages: torch, transformers, Lightning)
+    from gcnee.stages import ORDER, STAGES, stage_status
+
+    to_run = [s for s in ORDER if (wanted is None or s in wanted)
+              and (force or STAGES[s].always or not stage_status(cfg, s)[0])]
+    if stages_needing_model(cfg, to_run):
+        check_model(cfg.llm, cfg.run.checkpoints_dir)
+
+
+def _data_preflight(cfg, force: bool) -> None:
+    """The raw files the data stage will read exist (it is light: no torch)."""
+    import gcnee.data.stage  # noqa: F401  (registers "data")
+    from gcnee.data.readers import check_files
+    from gcnee.stages import stage_status
+
+    if (force or not stage_status(cfg, "data")[0]) and cfg.data.fetch is None:
+        from gcnee.data.stage import missing_files_error
+
+        try:
+            check_files(cfg.data)
+        except Exception as err:
+            raise missing_files_error(cfg.data, err) from None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from gcnee.stages import run_pipeline
 
-    if args.command != "data":
-        import gcnee.pipeline  # noqa: F401  (registers the stages)
+    # The config first: its mistakes are reported before anything heavy is imported.
+    cfg = None
+    if getattr(args, "config", None) is not None:
+        cfg = load_config(args.config, args.overrides if hasattr(args, "overrides") else args.args)
     if args.command == "fit":
-        from gcnee.report.ablations import check_ablations
+        wanted = _split(args.stages) or None
+        _fit_preflight(cfg, wanted, args.force)
+        import gcnee.pipeline  # noqa: F401  (registers every stage, not only the data stage)
 
-        cfg = load_config(args.config, args.overrides)
-        check_ablations(cfg)  # fail now, not after hours of training
-        run_pipeline(cfg, _split(args.stages) or None, force=args.force)
+        run_pipeline(cfg, wanted, force=args.force)
         return 0
     if args.command == "data" and args.action == "prepare":
         # Only the data stage: importing the whole pipeline would load torch/transformers.
-        import gcnee.data.stage  # noqa: F401
-
-        cfg = load_config(args.config, args.overrides)
+        _data_preflight(cfg, args.force)
         run_pipeline(cfg, ["data"], force=args.force)
         return 0
+    if args.command not in ("data", "model"):
+        import gcnee.pipeline  # noqa: F401  (registers the stages)
     if args.command == "data" and args.action == "fetch":
         from gcnee.data.fetch import fetch_ml100k
 
@@ -143,12 +238,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.what == "retrieval":
         from gcnee.retrieval.bench import bench_retrieval
 
-        bench_retrieval(load_config(args.config, args.overrides))
+        bench_retrieval(cfg)
         return 0
     if args.command == "bench" and args.what in ("exit", "scoring", "train", "all", "precision"):
         from gcnee.bench.run import bench_all, run_one
 
-        cfg = load_config(args.config, args.overrides)
         if args.what == "all":
             bench_all(cfg, command=" ".join(["gcnee", "bench", "all", "--config", args.config,
                                              *args.overrides]))
@@ -158,15 +252,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.what == "scale":
         from gcnee.retrieval.bench import bench_scale
 
-        bench_scale(load_config(args.config, args.overrides))
+        bench_scale(cfg if cfg is not None else load_config(None, args.overrides))
         return 0
     if args.command == "evaluate":
         from gcnee.evaluate import evaluate
 
-        evaluate(load_config(args.config, args.overrides))
+        evaluate(cfg)
         return 0
     if args.command == "report":
-        return _report(args)
+        return _report(args, cfg)
     if args.command == "compare":
         from gcnee.report.compare import compare_runs, format_compare
 
@@ -176,22 +270,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from gcnee.predict import predict_file
 
-        cfg = load_config(args.config, args.overrides)
         predict_file(cfg, args.input, args.output, full_depth=args.full_depth)
         return 0
     raise AssertionError(f"unhandled command {args}")
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(args: argparse.Namespace, cfg) -> int:
     from gcnee.report.stage import build_report, find_report, write_report
 
-    if args.config is None:
+    if cfg is None:
         if len(args.args) != 1:
             raise ConfigError("gcnee report: give one RUN (logs/<run> or a run name), or "
                               "--config FILE [key=value ...]")
         print(find_report(args.args[0], args.logs_dir).read_text(), end="")
         return 0
-    cfg = load_config(args.config, args.args)
     print(write_report(cfg, build_report(cfg, execute=False)).read_text(), end="")
     return 0
 
