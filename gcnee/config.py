@@ -165,6 +165,12 @@ class ExitsConfig:
     lr_depth: str = "head"  # what d counts: head (index among trained heads, 0..) | layer
     epochs: int = 1
     batch_size: int = 8
+    # Per-head calibration fitted on validation after head training (gcnee/exits/calibration.py):
+    # none | platt | isotonic | auto (per head, the lower out-of-fold log-loss).
+    calibration: str = "auto"
+    # Training samples the heads see: null = the llm stage's few-shot set; a larger count draws
+    # further (seeded) training samples, whose prompts and backbone states are built once.
+    max_train_samples: int | None = None
 
 
 @dataclass
@@ -191,7 +197,7 @@ class EvalConfig:
     max_samples: int | None = 2000  # evaluation samples per split (deterministic subset)
     val_max_samples: int | None = None  # validation subset size; null = same as max_samples
     batch_size: int = 8
-    rule: str = "window"  # window | confidence | patience
+    rule: str = "window"  # window | confidence | patience | fixed (window = the head number)
     thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
     windows: list[int] = field(default_factory=lambda: [1, 2, 3])
     # The τ sweep runs at window m = `window`; the m sweep at τ = `threshold` (paper Figs 3, 4).
@@ -203,6 +209,19 @@ class EvalConfig:
     # window rule: previous discrepancies needed before it may fire (1 = partial window, so the
     # third exit head is the earliest exit; >= m waits for a full window). gcnee/exits/rules.py
     window_min_prev: int = 1
+    # The sweep's other rule families (gcnee/exits/sweep.py): confidence at these τ, patience at
+    # these m, and "fixed" (every request at one exit layer) for each head.
+    sweep_rules: list[str] = field(
+        default_factory=lambda: ["window", "confidence", "patience", "fixed"])
+    confidence_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])
+    patience_windows: list[int] = field(default_factory=lambda: [2, 3])
+    # What the exit rule reads when the heads are calibrated: raw | calibrated P(yes) (scores are
+    # calibrated either way).
+    rule_reads: str = "raw"
+    # The report's chosen setting: the fastest on validation whose validation AUC is at most this
+    # much below full depth's.
+    max_auc_loss: float = 0.005
+    rps_repeats: int = 3  # interleaved repeats of the sweep's timed runs (medians)
     bootstrap: int = 1000  # resamples for AUC confidence intervals
     # Sibling runs the report compares (gcnee/report/ablations.py): retrieval | layers | k |
     # llm_retriever; [] = none (each is a further llm (+exits) run).
@@ -299,7 +318,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "exits.head": ("full", "answer"),
     "exits.init": ("random", "copy"),
     "exits.lr_depth": ("head", "layer"),
-    "eval.rule": ("window", "confidence", "patience", "none"),
+    "eval.rule": ("window", "confidence", "patience", "fixed", "none"),
 }
 HEADER_FILES = ("interactions", "items", "users")
 

@@ -93,3 +93,29 @@ def test_section_fingerprint_tracks_only_named_keys():
     assert fp != section_fingerprint(load_config(None, ["data.max_history=5"]),
                                      ["data", "run.seed"])
     assert fp != section_fingerprint(load_config(None, ["run.seed=1"]), ["data", "run.seed"])
+
+
+def test_load_time_choices_match_the_stages_own_constants():
+    """gcnee.config.CHOICES checks values before torch loads; each stage keeps its own list."""
+    from gcnee.config import CHOICES
+    from gcnee.data.readers import FORMATS
+    from gcnee.data.readers_common import MISSING_TITLE_MODES
+    from gcnee.data.samples import FEW_SHOT_BALANCES, LABEL_OPS, SPLIT_KINDS
+    from gcnee.exits.heads import HEAD_KINDS, INIT_KINDS
+    from gcnee.exits.module import LR_DEPTHS
+    from gcnee.exits.rules import RULES
+    from gcnee.llm.backbone import ATTENTIONS, QUANTIZATIONS
+    from gcnee.llm.module import LOSSES
+    from gcnee.llm.prompts import EXAMPLE_ORDERS
+    from gcnee.retrieval.lightgcn import EDGE_RULES
+    from gcnee.retrieval.similar import KINDS
+
+    own = {"data.format": FORMATS, "data.missing_title": MISSING_TITLE_MODES,
+           "data.label_op": LABEL_OPS, "data.split": SPLIT_KINDS,
+           "data.few_shot_balance": FEW_SHOT_BALANCES, "retriever.kind": KINDS,
+           "retriever.edges": EDGE_RULES, "llm.loss": LOSSES, "llm.quantization": QUANTIZATIONS,
+           "llm.attention": ATTENTIONS, "prompt.example_order": EXAMPLE_ORDERS,
+           "exits.head": HEAD_KINDS, "exits.init": INIT_KINDS, "exits.lr_depth": LR_DEPTHS,
+           "eval.rule": RULES}
+    for key, values in own.items():
+        assert set(CHOICES[key]) == set(values), key
