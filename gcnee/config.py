@@ -319,6 +319,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "exits.init": ("random", "copy"),
     "exits.lr_depth": ("head", "layer"),
     "eval.rule": ("window", "confidence", "patience", "fixed", "none"),
+    "eval.rule_reads": ("raw", "calibrated"),
+    "exits.calibration": ("none", "platt", "isotonic", "auto"),
 }
 HEADER_FILES = ("interactions", "items", "users")
 

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 # Environment variables by which Lightning recognises a launcher (torchrun, SLURM, its own).
 _LAUNCH_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
@@ -96,3 +97,15 @@ def single_process_env() -> Iterator[None]:
         yield
     finally:
         os.environ.update(hidden)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` when a process group is running, else ``[obj]``
+    (picklable objects; for small per-sample results, not for hidden states)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

@@ -188,17 +188,20 @@ class TrainedRun:
             retrieval).
         folder (Path, optional): the run folder (``checkpoints/<run>``).
         full_depth (bool, optional): no early exit (default: :obj:`False`).
+        calibration (Calibration, optional): the heads' per-layer calibration (None: raw
+            P(yes); a full-depth run serves the tuned model's own, uncalibrated P(yes)).
         fingerprint (str, optional): the deepest stage's fingerprint: identifies what is served.
     """
 
     def __init__(self, cfg: DictConfig, tokenizer: Any, model: Any, heads: Any,
                  answer_ids: tuple[int, int], prepared: Any = None, similar: Any = None,
                  folder: Path | None = None, full_depth: bool = False,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, calibration: Any = None) -> None:
         self.cfg, self.tokenizer, self.model, self.heads = cfg, tokenizer, model, heads
         self.answer_ids = (int(answer_ids[0]), int(answer_ids[1]))
         self.prepared, self.similar = prepared, similar
         self.folder, self.full_depth, self.fingerprint = folder, bool(full_depth), fingerprint
+        self.calibration = calibration
         self.name = str(cfg.run.name)
         self._scorer = None
 
@@ -218,18 +221,20 @@ class TrainedRun:
         check_run(folder, stages)
         run_cfg = run_config(cfg, folder, stages[-1])
         _warn_outdated(run_cfg, stages)
-        from gcnee.exits.heads import ExitHeads, load_heads
+        from gcnee.exits.heads import ExitHeads, load_calibration, load_heads
         from gcnee.llm.backbone import answer_token_ids, load_tuned
 
         model, tokenizer = load_tuned(folder / "llm", run_cfg)
 
         answer_ids = answer_token_ids(tokenizer, list(run_cfg.llm.answer_words),
                                       run_cfg.llm.use_chat_template)
+        calibration = None
         if full_depth:
             n = int(model.config.num_hidden_layers)
             heads = ExitHeads.from_model(model, [n], answer_ids, head="answer", init="copy")
         else:
             heads = load_heads(folder / "exits" / "heads.pt", model)
+            calibration = load_calibration(folder / "exits" / "heads.pt")
         prepared = similar = None
         if tables:
             from gcnee.data.tables import PreparedData
@@ -241,7 +246,7 @@ class TrainedRun:
                 similar = SimilarUsers.load(folder / "retriever")
         fp = read_json(folder / stages[-1] / MARKER).get("fingerprint")
         return cls(run_cfg, tokenizer, model, heads, answer_ids, prepared, similar, folder,
-                   full_depth, fp)
+                   full_depth, fp, calibration)
 
     # -- placement -----------------------------------------------------------------------------
 
@@ -267,7 +272,8 @@ class TrainedRun:
 
     def scorer(self) -> Any:
         """The run's :class:`~gcnee.exits.scorer.EarlyExitScorer` (built once), under the
-        autocast of ``trainer.precision`` and with ``llm.share_prefix``."""
+        autocast of ``trainer.precision``, with ``llm.share_prefix``, the heads' calibration and
+        ``eval.rule_reads``."""
         if self._scorer is None:
             from gcnee.exits.scorer import EarlyExitScorer
             from gcnee.precision import autocast_dtype
@@ -276,7 +282,9 @@ class TrainedRun:
                 self.model, self.heads, answer_ids=self.answer_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
                 autocast=autocast_dtype(self.cfg.trainer.precision),
-                share_prefix=self.cfg.llm.get("share_prefix", "auto"))
+                share_prefix=self.cfg.llm.get("share_prefix", "auto"),
+                calibration=self.calibration,
+                rule_reads=str(self.cfg.eval.get("rule_reads", "raw")))
         return self._scorer
 
     def datamodule(self, batch_size: int | None = None) -> Any:

@@ -74,7 +74,8 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GCNEE_PIPELINE_START"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "gcnee", "fit", "--config", TINY, stages,
+    # --verbose: Lightning's own lines (quiet by default) show that two ranks ran
+    cmd = [sys.executable, "-m", "gcnee", "fit", "--verbose", "--config", TINY, stages,
            *_overrides(root, "two"), "llm.batch_size=4", "exits.batch_size=4",
            "trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.devices=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

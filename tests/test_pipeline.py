@@ -25,8 +25,18 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     full = next(r for r in sweep["rows"] if r["row"] == "full depth")
     assert abs(full["auc"] - llm["metrics"]["test"]["tuned"]["auc"]) < 1e-6
     assert sweep["rows"][0]["row"] == "full depth"
-    assert len(sweep["rows"]) == 1 + 3 + 2
+    # window: 3 τ + 2 m, confidence: 4 τ, patience: 2 m; each raw, calibrated, calibrated with
+    # the rule on calibrated P; then every request at layer 1, 2, 3
+    assert len(sweep["rows"]) == 1 + 3 * (3 + 2 + 4 + 2) + 3
     assert sweep["head_probs"] == "recorded"  # from the test loop, no second all-heads pass
+    # exits.calibration=auto: fitted on validation, stored with the heads, one map per head
+    assert sorted(int(k) for k in sweep["calibration"]) == [1, 2, 3, 4]
+    assert sweep["n_val"] == llm["metrics"]["val"]["tuned"]["n"]
+    chosen = sweep["chosen"]
+    assert chosen is not None and chosen["val_auc_loss"] <= sweep["max_auc_loss"] + 1e-12
+    assert exits["chosen"] == chosen and exits["calibration"] is not None
+    assert (run / "exits" / "head_probs_val.pt").is_file()
+    assert (run / "exits" / "sweep_pareto.png").is_file()
     # The exit stage reuses the llm stage's token cache (same tokenizer, loaded from merged/).
     assert len(list((run / "llm").glob("tokens-*.pt"))) == 1
     assert (run / "exits" / "sweep_threshold.png").is_file()
@@ -42,6 +52,8 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
         assert again["head_probs"] == source
         for a, b in zip(sweep["rows"], again["rows"]):
             assert abs(a["auc"] - b["auc"]) < 1e-5 and a["row"] == b["row"]
+            assert a.get("val_auc") == b.get("val_auc")  # same validation choice
+        assert again["chosen"]["row"] == sweep["chosen"]["row"]
         saved.unlink(missing_ok=True)
     # Rerun: every stage is up to date and skipped.
     marker = (run / "llm" / "_SUCCESS.json").stat().st_mtime

@@ -69,7 +69,7 @@ def test_predict_command_scores_lines_and_reports_errors(fitted, tmp_path):
 
 
 def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
-    from gcnee.exits.heads import load_heads
+    from gcnee.exits.heads import load_calibration, load_heads
     from gcnee.exits.scorer import EarlyExitScorer
     from gcnee.llm.backbone import load_tuned
 
@@ -82,7 +82,11 @@ def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
     for s, ids in zip(samples, prompts):
         assert ids == list(stage_ids[s.sample_id]), s.sample_id  # the llm stage's own prompt
     model, _ = load_tuned(fitted.run / "llm")
-    scorer = EarlyExitScorer(model, load_heads(fitted.run / "exits" / "heads.pt", model))
+    heads_pt = fitted.run / "exits" / "heads.pt"
+    cal = load_calibration(heads_pt)  # exits.calibration=auto: predict serves calibrated P
+    assert cal is not None and predictor.run.calibration is not None
+    scorer = EarlyExitScorer(model, load_heads(heads_pt, model), calibration=cal,
+                             rule_reads=cfg.eval.rule_reads)
     ev = cfg.eval
     ref = scorer.score_requests(prompts, 1, rule=ev.rule, tau=ev.threshold, m=ev.window,
                                 min_prev=ev.window_min_prev)

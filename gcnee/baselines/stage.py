@@ -3,7 +3,7 @@
 Each model in ``baselines.models`` (deepfm, din, gru4rec, sim) is trained on ALL of the training
 split (the LLM is few-shot), early-stopped on validation AUC, and scored on the test split: on
 the same deterministic subset the LLM stage evaluates (``eval.max_samples``, ``run.seed``;
-``gcnee.llm.datamodule.eval_subset``) and on the full test split. Outputs in
+``gcnee.data.samples.eval_subset``) and on the full test split. Outputs in
 ``checkpoints/<run>/baselines/``: ``summary.json`` (per model: AUC with 95% bootstrap CI,
 log-loss and accuracy on both test sets, best validation AUC, epochs, seconds, parameters),
 ``table.md`` (Table 2 rows), ``scores_test.csv`` (one row per test sample, one column per model,
@@ -65,8 +65,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from gcnee.baselines.data import FeatureEncoder
     from gcnee.baselines.models import MODELS, build_model
     from gcnee.baselines.module import fit_baseline, predict_proba, torch_threads
+    from gcnee.data.samples import eval_subset
     from gcnee.data.tables import PreparedData
-    from gcnee.llm.datamodule import eval_subset
     from gcnee.metrics import summarize
 
     cfg = ctx.cfg

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from gcnee.bench.scoring import runner_yes_probability
-from gcnee.bench.timing import interleaved, median_ratio, rate
 from gcnee.llm.runner import LayerRunner, length_sorted_batches
 from gcnee.metrics import auc
+from gcnee.timing import interleaved, median_ratio, rate
 
 REFERENCE = "fp32"
 

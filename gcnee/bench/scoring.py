@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcnee.bench.timing import interleaved, median_ratio, rate
 from gcnee.llm.runner import LayerRunner, length_sorted_batches
+from gcnee.timing import interleaved, median_ratio, rate
 
 BASELINE = "generate + vocab softmax"
 

@@ -303,11 +303,9 @@ def capped_train(few_shot: list[Sample], cap: int | None, balance: str, seed: in
 
 
 def eval_subset(samples: Sequence[Sample], max_samples: int | None, seed: int) -> list[Sample]:
-    """A deterministic subset of ``max_samples`` samples (all if None), in sample_id order.
-
-    The same rule as ``gcnee.llm.datamodule.eval_subset`` (tests/data/test_samples.py checks
-    they agree), here so that the data stage can count its classes without importing torch.
-    """
+    """A deterministic subset of ``max_samples`` samples (all if None), in sample_id order: the
+    evaluation subsets of every stage (here, without torch, so the data stage can count their
+    classes)."""
     if max_samples is None or max_samples >= len(samples):
         return list(samples)
     if max_samples <= 0:

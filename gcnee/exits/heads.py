@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -216,14 +217,26 @@ def _reset_norm(norm: nn.Module) -> None:
             norm.bias.zero_()
 
 
-def save_heads(path: str | Path, heads: ExitHeads, head: str, init: str) -> None:
-    """Write ``heads`` (weights, layers, answer ids, kind) atomically to ``path``."""
+def save_heads(path: str | Path, heads: ExitHeads, head: str, init: str,
+               calibration: Any = None) -> None:
+    """Write ``heads`` (weights, layers, answer ids, kind) and their calibration
+    (:class:`gcnee.exits.calibration.Calibration` or None) atomically to ``path``."""
     from gcnee.stages import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"state_dict": heads.state_dict(), "layers": heads.layers,
                     "answer_ids": heads.answer_ids.tolist(), "head": head, "init": init,
-                    "num_layers": heads.num_layers}, tmp)
+                    "num_layers": heads.num_layers,
+                    "calibration": None if calibration is None else calibration.state_dict()},
+                   tmp)
+
+
+def load_calibration(path: str | Path) -> Any:
+    """The calibration saved with the heads in ``path`` (None: not calibrated)."""
+    from gcnee.exits.calibration import Calibration
+
+    state = torch.load(path, weights_only=True).get("calibration")
+    return None if state is None else Calibration.from_state(state)
 
 
 def load_heads(path: str | Path, model: nn.Module) -> ExitHeads:

@@ -88,6 +88,9 @@ class ExitHeadsModule(L.LightningModule):
         self.cache = bool(cache)
         self.states: dict[int, dict[int, torch.Tensor]] = {}  # sample_id -> layer -> (hidden,)
         self.backbone_batches = 0  # batches that ran the backbone (the rest came from states)
+        # Every head's raw P(yes) per sample of the last validation / test loop.
+        self.val_probs: dict[int, torch.Tensor] = {}
+        self.test_probs: dict[int, torch.Tensor] = {}
         self.auc = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({str(layer): BinaryAUROC() for layer in heads.layers})
             for split in ("val", "test")})
@@ -174,12 +177,17 @@ class ExitHeadsModule(L.LightningModule):
             if not self.heads.is_own_head(layer):
                 self.log(f"{split}/loss/{name}", self.head_loss(layer, h, labels),
                          on_step=False, on_epoch=True, batch_size=bs)
-        if split == "test" and "sample_id" in batch:
-            # Every head's P(yes) per sample: the threshold sweep replays its rules on these
-            # instead of running a second all-heads pass over the test set.
+        if "sample_id" in batch:
+            # Every head's raw P(yes) per sample: calibration is fitted on the validation ones,
+            # and the threshold sweep replays its rules on both instead of running a second
+            # all-heads pass.
             rows = torch.stack(probs, dim=1).float().cpu()
+            kept = self.test_probs if split == "test" else self.val_probs
             for sid, row in zip(batch["sample_id"].tolist(), rows):
-                self.test_probs[int(sid)] = row
+                kept[int(sid)] = row
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_probs: dict[int, torch.Tensor] = {}  # sample_id -> (H,) P(yes) per head
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -19,6 +19,8 @@ Rules (``eval.rule``):
 * ``confidence`` — head ``j`` answers when ``max(P_j, 1 - P_j) >= τ`` (any head, from head 0).
 * ``patience`` — head ``j`` answers when the decisions ``P >= 0.5`` of heads ``j-m+1 .. j`` are all
   equal (``m`` consecutive heads; the earliest is head ``m-1``). ``τ`` is unused.
+* ``fixed`` — every row answers at head ``m - 1`` (the ``m``-th exit head): the simplest
+  baseline, "every request leaves at layer l".
 * ``none`` — never exits early: the last head answers (early exit disabled).
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-RULES = ("window", "confidence", "patience", "none")
+RULES = ("window", "confidence", "patience", "fixed", "none")
 
 
 def window_fires(probs: torch.Tensor, tau: float, m: int, min_prev: int = 1) -> torch.Tensor:
@@ -73,7 +75,7 @@ class ExitRule:
     def __post_init__(self) -> None:
         if self.name not in RULES:
             raise ValueError(f"eval.rule='{self.name}' is not one of {RULES}")
-        if self.name in ("window", "patience") and int(self.m) < 1:
+        if self.name in ("window", "patience", "fixed") and int(self.m) < 1:
             raise ValueError(f"eval.windows: the window/patience m must be >= 1, got {self.m}")
         if self.name == "window":
             if not 1 <= int(self.min_prev) <= int(self.m):
@@ -90,7 +92,7 @@ class ExitRule:
             return 1 + self.min_prev
         if self.name == "confidence":
             return 0
-        if self.name == "patience":
+        if self.name in ("patience", "fixed"):
             return self.m - 1
         return None
 
@@ -107,6 +109,9 @@ class ExitRule:
             return confidence_fires(probs, self.tau)
         if self.name == "patience":
             return patience_fires(probs, self.m)
+        if self.name == "fixed":
+            return torch.full((probs.shape[0],), probs.shape[1] >= self.m, dtype=torch.bool,
+                              device=probs.device)
         return torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
 
     def label(self) -> str:
@@ -118,6 +123,8 @@ class ExitRule:
             return f"confidence(tau={self.tau:g})"
         if self.name == "patience":
             return f"patience(m={self.m})"
+        if self.name == "fixed":
+            return f"fixed(head={self.m})"
         return "none"
 
 
@@ -133,8 +140,8 @@ def make_rule(rule: str | ExitRule | None = "window", tau: float | None = None,
         raise ValueError(f"eval.rule='{name}' is not one of {RULES}")
     if name in ("window", "confidence") and tau is None:
         raise ValueError(f"rule '{name}' needs a threshold tau (eval.thresholds)")
-    if name in ("window", "patience") and m is None:
-        raise ValueError(f"rule '{name}' needs a window m (eval.windows)")
+    if name in ("window", "patience", "fixed") and m is None:
+        raise ValueError(f"rule '{name}' needs a window m (eval.windows; fixed: the head number)")
     m = int(m) if m is not None else 1
     # min_prev above m means "a full window" for every m of a sweep over eval.windows
     return ExitRule(name=name, tau=float(tau) if tau is not None else 0.0, m=m,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,16 +34,18 @@ from gcnee.llm.answer import prob_yes
 from gcnee.llm.runner import LayerRunner, length_sorted_batches
 
 MODES = ("exit", "full", "all")
+RULE_READS = ("raw", "calibrated")
 
 
 @dataclass
 class ScoreResult:
     """Per-row results, in the caller's row order, on the CPU.
 
-    scores: ``(B,)`` float32 P(yes) at each row's exit.
+    scores: ``(B,)`` float32 P(yes) at each row's exit (calibrated when the scorer has a
+        calibration).
     exit_layers: ``(B,)`` long, the decoder layer (1-based) the row left at.
     exit_heads: ``(B,)`` long, index of that head in ``heads.layers`` (``-1`` for full depth).
-    head_probs: ``(B, H)`` float32 P(yes) of every head the row reached (NaN after its exit;
+    head_probs: ``(B, H)`` float32 raw P(yes) of every head the row reached (NaN after its exit;
         ``(B, 0)`` for full depth).
     row_layers: decoder-layer applications actually computed, counted per row.
     token_layers: the same counted per (row, position), i.e. including the padding computed.
@@ -71,13 +74,19 @@ class EarlyExitScorer:
             dtype (``torch.bfloat16`` for ``trainer.precision=bf16-mixed``; default:
             :obj:`None` = the weights' own dtype). Head probabilities are always float32.
         share_prefix (bool or str, optional): ``llm.share_prefix`` (default: ``"auto"``).
+        calibration (optional): per-layer maps with ``apply(layer, p) -> p`` fitted on
+            validation (:class:`gcnee.exits.calibration.Calibration`); every exit's score is
+            then the calibrated P(yes) (default: :obj:`None` = raw head probabilities).
+        rule_reads (str, optional): what the exit rule reads, ``"raw"`` or ``"calibrated"``
+            probabilities (``eval.rule_reads``; default: ``"raw"``).
     """
 
     def __init__(self, model: nn.Module, heads: ExitHeads,
                  answer_ids: Sequence[int] | None = None,
                  pad_token_id: int | None = None,
                  autocast: torch.dtype | None = None,
-                 share_prefix: bool | str | None = "auto") -> None:
+                 share_prefix: bool | str | None = "auto", calibration: Any = None,
+                 rule_reads: str = "raw") -> None:
         self.runner = LayerRunner(model, share_prefix=share_prefix)
         self.model = model
         self.config = self.runner.config
@@ -96,6 +105,9 @@ class EarlyExitScorer:
             pad_token_id = getattr(self.config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
         self.autocast = autocast
+        if rule_reads not in RULE_READS:
+            raise ValueError(f"eval.rule_reads='{rule_reads}' is not one of {RULE_READS}")
+        self.calibration, self.rule_reads = calibration, rule_reads
 
     @property
     def device(self) -> torch.device:
@@ -174,8 +186,10 @@ class EarlyExitScorer:
         self.heads.to(dev)
         layers = [self.num_layers] if mode == "full" else list(self.heads.layers)
         b, last = input_ids.shape[0], len(layers) - 1
-        probs = torch.full((b, len(layers)), float("nan"), device=dev)
+        probs = torch.full((b, len(layers)), float("nan"), device=dev)  # raw
+        read = probs if self.calibration is None or self.rule_reads == "raw" else probs.clone()
         scores = torch.empty(b, device=dev)
+        cal = self.calibration
         exit_j = torch.full((b,), -1, dtype=torch.long, device=dev)
         index = {layer: j for j, layer in enumerate(layers)}
 
@@ -183,9 +197,12 @@ class EarlyExitScorer:
             j = index[layer]
             p = self._prob(mode, layer, h).float()
             probs[rows, j] = p
+            q = p if cal is None else cal.apply(layer, p)
+            if read is not probs:
+                read[rows, j] = q
             fire = (torch.ones_like(p, dtype=torch.bool) if j == last
-                    else rule.fires(probs[rows, : j + 1]))
-            scores[rows[fire]] = p[fire]
+                    else rule.fires(read[rows, : j + 1]))
+            scores[rows[fire]] = q[fire]
             exit_j[rows[fire]] = j
             return fire
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from gcnee.data.samples import capped_train, eval_subset  # noqa: F401  (eval_subset: re-export)
 from gcnee.data.tables import PreparedData, Sample
 from gcnee.stages import MARKER, StageError, atomic_path, read_json
 
@@ -95,14 +96,17 @@ class EvalShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def eval_subset(samples: Sequence[Sample], max_samples: int | None, seed: int) -> list[Sample]:
-    """A deterministic subset of ``max_samples`` samples (all if None), in sample_id order."""
-    if max_samples is None or max_samples >= len(samples):
-        return list(samples)
-    if max_samples <= 0:
-        raise ValueError(f"eval.max_samples must be positive or null, got {max_samples}")
-    pick = np.random.default_rng(seed).choice(len(samples), size=max_samples, replace=False)
-    return sorted((samples[i] for i in pick), key=lambda s: s.sample_id)
+def extend_train(train: Sequence[Sample], pool: Sequence[Sample], count: int | None, seed: int
+                 ) -> list[Sample]:
+    """``train`` plus seeded further samples of ``pool`` (the training split) up to ``count``
+    samples, in sample_id order; ``train`` alone when ``count`` is None or not larger (the exit
+    heads can learn from more samples than the LLM was tuned on: ``exits.max_train_samples``)."""
+    if count is None or count <= len(train):
+        return list(train)
+    have = {s.sample_id for s in train}
+    rest = [s for s in pool if s.sample_id not in have]
+    pick = np.random.default_rng(seed + 1).permutation(len(rest))[: count - len(train)]
+    return sorted([*train, *(rest[i] for i in pick)], key=lambda s: s.sample_id)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -129,11 +133,15 @@ class CTRDataModule(L.LightningDataModule):
         retriever_dir: the finished ``retriever`` stage folder, or None for no retrieval.
         cache_dir: where the tokenized prompts are cached (the calling stage's folder).
         tokenizer: a Hugging Face tokenizer with a pad token.
+        train_samples: train on this many samples: the LLM's few-shot samples plus further
+            seeded training samples (:func:`extend_train`; None: the few-shot samples only).
     """
 
     def __init__(self, cfg: DictConfig, data_dir: str | Path, retriever_dir: str | Path | None,
-                 cache_dir: str | Path, tokenizer: Any) -> None:
+                 cache_dir: str | Path, tokenizer: Any, train_samples: int | None = None
+                 ) -> None:
         super().__init__()
+        self.train_samples = None if train_samples is None else int(train_samples)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.data_dir = Path(data_dir)
         self.retriever_dir = Path(retriever_dir) if retriever_dir is not None else None
@@ -163,11 +171,9 @@ class CTRDataModule(L.LightningDataModule):
         if not self.samples:
             prepared, cfg = self._load_prepared(), self.cfg
             seed = int(cfg.run.seed)
-            train = prepared.few_shot()
-            cap = cfg.llm.max_train_samples
-            if cap is not None and cap < len(train):
-                pick = np.random.default_rng(seed).permutation(len(train))[:cap]
-                train = [train[i] for i in sorted(pick)]
+            train = capped_train(prepared.few_shot(), cfg.llm.max_train_samples,
+                                 str(cfg.data.get("few_shot_balance", "none")), seed)
+            train = extend_train(train, prepared.splits["train"], self.train_samples, seed)
             val_max = cfg.eval.val_max_samples
             self.samples = {
                 "train": train,
@@ -183,6 +189,8 @@ class CTRDataModule(L.LightningDataModule):
             "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
             "llm": {k: OmegaConf.select(cfg.llm, k) for k in
                     ("model", "max_length", "use_chat_template", "max_train_samples")},
+            "train_samples": self.train_samples,
+            "few_shot_balance": str(cfg.data.get("few_shot_balance", "none")),
             "answer_words": list(cfg.llm.answer_words),
             "retriever_kind": cfg.retriever.kind,
             "eval": [cfg.eval.max_samples, cfg.eval.val_max_samples],

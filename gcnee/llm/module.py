@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from gcnee.distributed import all_gather_objects
 from gcnee.llm.answer import prob_yes
 from gcnee.llm.runner import LayerRunner
 from gcnee.llm.shared_prefix import (
@@ -99,14 +100,6 @@ def add_lora(model: torch.nn.Module, lora_cfg: DictConfig) -> torch.nn.Module:
                         lora_dropout=float(lora_cfg.dropout),
                         target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -285,7 +278,7 @@ class CTRLLMModule(L.LightningModule):
                        f"{self.tag}/{split}_log_loss": logloss.float()}, sync_dist=False)
         local = self._outputs[split]
         self._outputs[split] = []
-        parts = [p for rank in _gather_objects(local) for p in rank]
+        parts = [p for rank in all_gather_objects(local) for p in rank]
         if parts:
             ids, scores, labels = (np.concatenate([p[i] for p in parts]) for i in range(3))
         else:

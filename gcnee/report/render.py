@@ -98,7 +98,7 @@ def exits_md(e: dict[str, Any]) -> str:
                                                   "rrr")]
     sweep = e.get("sweep")
     if sweep:
-        from gcnee.exits.sweep import format_sweep
+        from gcnee.exits.sweep_output import format_sweep
 
         parts += ["", f"Threshold/window sweep (test split, rule `{sweep['rule']}`, batch size "
                   f"{sweep['batch_size']}, {sweep['device']}, {sweep['threads']} threads):", "",

@@ -7,8 +7,8 @@ import pytest
 
 from gcnee.cli import main
 from gcnee.config import ConfigError, load_config
+from gcnee.data.samples import eval_subset
 from gcnee.data.tables import PreparedData
-from gcnee.llm.datamodule import eval_subset
 from gcnee.stages import run_pipeline
 
 SMALL = ["baselines.embedding_dim=4", "baselines.epochs=2", "baselines.batch_size=16",

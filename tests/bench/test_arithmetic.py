@@ -13,8 +13,8 @@ from gcnee.bench.early_exit import (
     ideal_speedup,
 )
 from gcnee.bench.report import fmt, format_machine, format_report, machine_info, markdown_table
-from gcnee.bench.timing import interleaved, median_ratio, rate
 from gcnee.bench.train import step_stats
+from gcnee.timing import interleaved, median_ratio, rate
 
 SMOL = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                        num_key_value_heads=3, head_dim=64, num_hidden_layers=30)

@@ -222,17 +222,18 @@ def test_few_shot_config_errors(overrides, match):
         few_shot_ids(samples, data_cfg(*overrides), 0)
 
 
-def test_eval_subset_and_capped_train_follow_the_llm_stage_rules():
-    """The data stage counts the classes of the evaluation subsets and of the LLM's training
-    cap with copies of the llm stage's rules (no torch import there): they must agree."""
+def test_eval_subset_and_capped_train():
+    """The evaluation subsets and the LLM's training cap (one rule each, used by the data stage
+    to count classes and by the llm stage to pick samples)."""
     from gcnee.data.samples import capped_train, eval_subset
-    from gcnee.llm.datamodule import eval_subset as llm_eval_subset
 
     inter, items = big_table()
     samples = build_samples(inter, items, data_cfg())
-    for limit in (None, 1, 37, len(samples) + 5):
-        assert eval_subset(samples, limit, 3) == llm_eval_subset(samples, limit, 3)
-    # the llm stage's current cap: rng(seed).permutation(n)[:cap], in few-shot order
+    sub = eval_subset(samples, 37, 3)
+    assert len(sub) == 37 and sub == sorted(sub, key=lambda s: s.sample_id)
+    assert sub == eval_subset(samples, 37, 3) and eval_subset(samples, None, 3) == samples
+    assert eval_subset(samples, len(samples) + 5, 3) == samples
+    # the llm stage's cap: rng(seed).permutation(n)[:cap], in few-shot order
     pick = np.random.default_rng(3).permutation(len(samples))[:50]
     assert capped_train(samples, 50, "none", 3) == [samples[i] for i in sorted(pick)]
     balanced = capped_train(samples, 50, "balanced", 3)

@@ -222,3 +222,48 @@ def test_bf16_autocast_matches_hf_forward_under_autocast(requests):
     # bf16 rounding is visible: the autocast path is really taken.
     assert (res.scores - fp32).abs().max() > 1e-4
     assert autocast_dtype("32-true") is None and autocast_dtype("16-mixed") == torch.float16
+
+
+def _calibration(heads, requests, scorer):
+    """Platt maps fitted on the scorer's own recorded head probabilities with planted labels."""
+    import numpy as np
+
+    from gcnee.exits.calibration import Calibration
+
+    probs = scorer.score_requests(requests, 4, mode="all").head_probs
+    labels = np.array([i % 2 for i in range(len(requests))])
+    return Calibration.fit(probs, labels, heads.layers, kind="platt")
+
+
+@pytest.mark.parametrize("reads", ["raw", "calibrated"])
+def test_calibrated_scores_equal_the_replay_of_calibrated_head_probs(sdpa, requests, reads):
+    """What predict serves (online scorer with the heads' calibration) is what the sweep replays
+    from recorded probabilities with the same calibration: same exits, same scores."""
+    model, heads, _, scorer = sdpa
+    cal = _calibration(heads, requests, scorer)
+    online = EarlyExitScorer(model, heads, calibration=cal, rule_reads=reads)
+    rule = make_rule("confidence", tau=0.8)
+    got = online.score_requests(requests, 3, rule=rule)
+    raw = scorer.score_requests(requests, 3, mode="all").head_probs
+    calp = cal.apply_all(raw, heads.layers)
+    exit_head = replay(calp if reads == "calibrated" else raw, rule)
+    assert torch.equal(got.exit_heads, exit_head)
+    assert torch.allclose(got.scores, calp[torch.arange(len(requests)), exit_head], atol=1e-6)
+    assert torch.allclose(got.head_probs.nan_to_num(-1), raw.where(
+        torch.arange(raw.shape[1])[None] <= exit_head[:, None], torch.tensor(-1.0)), atol=1e-6)
+
+
+def test_no_calibration_leaves_scores_bit_identical(sdpa, requests):
+    from gcnee.exits.calibration import Calibration
+
+    model, heads, _, scorer = sdpa
+    rule = make_rule("window", tau=0.05, m=2)
+    plain = scorer.score_requests(requests, 3, rule=rule)
+    ident = EarlyExitScorer(model, heads, calibration=Calibration.identity(heads.layers))
+    for other in (ident.score_requests(requests, 3, rule=rule),
+                  EarlyExitScorer(model, heads, calibration=None)
+                  .score_requests(requests, 3, rule=rule)):
+        assert torch.equal(other.scores, plain.scores)
+        assert torch.equal(other.exit_heads, plain.exit_heads)
+    with pytest.raises(ValueError, match="rule_reads"):
+        EarlyExitScorer(model, heads, rule_reads="both")
