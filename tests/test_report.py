@@ -46,8 +46,10 @@ def test_fit_writes_the_report(fitted):
     assert rows["GCN-retriever"]["metrics"]["auc"] == llm["tuned"]["auc"]
     assert rows["GCN-retriever"]["metrics"]["log_loss"] == llm["tuned"]["log_loss"]
     sweep = read_json(fitted.run / "exits" / "sweep.json")
-    # tiny.yaml: eval.threshold 0.05 is not among the swept taus, window 2 is among the m's
-    ee = next(r for r in sweep["rows"] if r["kind"] == "m" and r["m"] == 2)
+    # tiny.yaml: eval.threshold 0.05 is not among the swept taus, window 2 is among the m's;
+    # the heads are calibrated (exits.calibration=auto): the served row has calibrated scores
+    ee = next(r for r in sweep["rows"] if r["kind"] == "m" and r["m"] == 2
+              and r["calibrated"] and r["reads"] == "raw")
     assert rows["GCN-earlyexit"]["metrics"]["auc"] == ee["auc"]
     assert rows["GCN-earlyexit"]["metrics"]["rps"] == ee["rps"]
     for name in ("TALLRec", "LLM-retriever", "DeepFM", "DIN", "SIM", "GRU4Rec"):
@@ -115,6 +117,11 @@ def test_configured_row_is_the_rule_at_threshold_and_window():
             {"kind": "tau", "rule": "window", "tau": 0.1, "m": 2, "auc": 0.7}]
     assert configured_row(rows, cfg.eval)["auc"] == 0.7
     assert configured_row(rows[:2], cfg.eval) is None
+    cal = [{**rows[2], "calibrated": False, "reads": "raw", "auc": 0.6},
+           {**rows[2], "calibrated": True, "reads": "calibrated", "auc": 0.8},
+           {**rows[2], "calibrated": True, "reads": "raw", "auc": 0.9}]
+    assert configured_row(cal, cfg.eval)["auc"] == 0.6
+    assert configured_row(cal, cfg.eval, calibrated=True)["auc"] == 0.9  # eval.rule_reads=raw
 
 
 def test_retrieval_ablation_runs_a_sibling_and_fills_table4(fitted, tmp_path, capsys):

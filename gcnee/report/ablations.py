@@ -158,13 +158,15 @@ def describe(cfg: DictConfig, run: dict[str, Any]) -> dict[str, Any]:
     """What the tables need from one run: its retriever settings, the tuned LLM's test metrics,
     and the exit sweep's full-depth and configured rows."""
     llm = (run.get("llm") or {}).get("metrics") or {}
-    rows = ((run.get("exits") or {}).get("sweep") or {}).get("rows") or []
+    sweep = (run.get("exits") or {}).get("sweep") or {}
+    rows = sweep.get("rows") or []
     return {
         "run": str(cfg.run.name), "kind": str(cfg.retriever.kind), "k": int(cfg.retriever.k),
         "layers_mode": str(cfg.retriever.layers_mode),
         "stages": {n: s["status"] for n, s in run["stages"].items()},
         "llm_test": (llm.get("test") or {}).get("tuned"),
-        "full": full_row(rows), "early_exit": configured_row(rows, cfg.eval),
+        "full": full_row(rows),
+        "early_exit": configured_row(rows, cfg.eval, calibrated=bool(sweep.get("calibration"))),
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gcnee.paths import portable
 from gcnee.run import run_dir, stage_states
 from gcnee.stages import read_json
 
@@ -36,6 +37,8 @@ def data_section(s: dict[str, Any]) -> dict[str, Any]:
         "split": s.get("split"),
         "splits": s.get("splits", {}),
         "few_shot": s.get("few_shot"),
+        "classes": s.get("classes") or {},
+        "warnings": s.get("warnings") or [],
         "graph_interactions": (s.get("graph") or {}).get("interactions"),
         "history_length": s.get("history_length"),
         "skipped_lines": {f["path"]: {"lines": f.get("lines"), "skipped": f.get("bad"),
@@ -81,22 +84,30 @@ def exits_section(s: dict[str, Any], folder: Path) -> dict[str, Any]:
                        for layer in out["layers"]]
     if sweep is not None:
         out["sweep"] = {k: sweep.get(k) for k in ("rows", "batch_size", "rule", "device",
-                                                  "threads")}
+                                                  "threads", "chosen", "max_auc_loss",
+                                                  "calibration", "n_val", "layers")}
+    out["train_samples"] = s.get("train_samples")
     out["plots"] = sorted(p.name for p in folder.glob("sweep_*.png"))
     return out
 
 
-def configured_row(rows: list[dict[str, Any]], eval_cfg: Any) -> dict[str, Any] | None:
+def configured_row(rows: list[dict[str, Any]], eval_cfg: Any,
+                   calibrated: bool = False) -> dict[str, Any] | None:
     """The sweep row of the configured exit rule (``eval.rule`` at ``eval.threshold``,
-    ``eval.window``), or None when the sweep did not include that setting."""
+    ``eval.window``) as it is served: with calibrated scores when the heads are calibrated,
+    the rule reading ``eval.rule_reads``; None when the sweep did not include that setting."""
     rule = str(eval_cfg.rule)
     tau, m = float(eval_cfg.threshold), int(eval_cfg.window)
+    reads = str(eval_cfg.get("rule_reads", "raw")) if calibrated else "raw"
     for r in rows:
         if r.get("rule") != rule:
             continue
         if r.get("tau") is not None and abs(float(r["tau"]) - tau) > 1e-12:
             continue
         if r.get("m") is not None and int(r["m"]) != m:
+            continue
+        if "calibrated" in r and (bool(r["calibrated"]) != calibrated
+                                  or r.get("reads", "raw") != reads):
             continue
         return r
     return None
@@ -117,7 +128,9 @@ def baselines_section(s: dict[str, Any]) -> dict[str, Any]:
 def collect_run(cfg: DictConfig) -> dict[str, Any]:
     """Everything the report shows about one run (no ablations): stage states and sections."""
     states = stage_states(cfg)
-    out: dict[str, Any] = {"run": str(cfg.run.name), "checkpoints": str(run_dir(cfg)),
+    # Relative to the working directory where it lies inside it: report.json moves with the run.
+    out: dict[str, Any] = {"run": str(cfg.run.name),
+                           "checkpoints": portable(run_dir(cfg), Path.cwd()),
                            "stages": {n: {k: v for k, v in st.items() if k != "summary"}
                                       for n, st in states.items()}}
     base = run_dir(cfg)

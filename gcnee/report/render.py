@@ -46,6 +46,17 @@ def data_md(d: dict[str, Any]) -> str:
     rows = [[name, _n(s.get("samples")), _n(s.get("users")), fmt(s.get("positive_rate"), 3)]
             for name, s in d["splits"].items()]
     lines.append(markdown_table(["split", "samples", "users", "positive rate"], rows, "lrrr"))
+    classes = d.get("classes") or {}
+    if classes:
+        crows = [[name.replace("_", " "), _n(c.get("positives")), _n(c.get("negatives")),
+                  ", ".join(f"{k}={v}" for k, v in c.items()
+                            if k not in ("positives", "negatives", "samples")) or "-"]
+                 for name, c in classes.items()]
+        lines += ["", "Classes of the sets the LLM is tuned and evaluated on (few positives or "
+                  "negatives mean wide AUC intervals):", "",
+                  markdown_table(["set", "positives", "negatives", "drawn with"], crows, "lrrl")]
+    for w in d.get("warnings") or []:
+        lines += ["", f"**Warning:** {w}"]
     skipped = [[f"`{path}`", _n(f["lines"]), _n(f["skipped"]),
                 ", ".join(f"{k}: {v}" for k, v in f["reasons"].items()) or "-"]
                for path, f in d["skipped_lines"].items()]
@@ -96,13 +107,22 @@ def exits_md(e: dict[str, Any]) -> str:
     rows = [[h["layer"], fmt(h["val_auc"], 4), fmt(h["test_auc"], 4)] for h in e["head_auc"]]
     parts = ["Per-head AUC:", "", markdown_table(["exit layer", "val AUC", "test AUC"], rows,
                                                   "rrr")]
+    if e.get("train_samples"):
+        parts += ["", f"Heads trained on {_n(e['train_samples'])} training samples."]
     sweep = e.get("sweep")
+    cal = (sweep or {}).get("calibration")
+    if cal:
+        crows = [[layer, c.get("kind"), fmt(c.get("log_loss_raw"), 4),
+                  fmt(c.get("log_loss_cal"), 4), _n(c.get("n"))] for layer, c in cal.items()]
+        parts += ["", "Calibration per head, fitted on validation (log-loss out of fold):", "",
+                  markdown_table(["exit layer", "map", "log-loss raw", "log-loss calibrated",
+                                  "n"], crows, "rlrrr")]
     if sweep:
         from gcnee.exits.sweep_output import format_sweep
 
-        parts += ["", f"Threshold/window sweep (test split, rule `{sweep['rule']}`, batch size "
-                  f"{sweep['batch_size']}, {sweep['device']}, {sweep['threads']} threads):", "",
-                  format_sweep(sweep)]
+        parts += ["", f"Early-exit sweep (AUC on the test split, chosen on validation; batch "
+                  f"size {sweep['batch_size']}, {sweep['device']}, {sweep['threads']} "
+                  "threads):", "", format_sweep(sweep)]
     parts += [""] + [f"![{p}]({p})" for p in e.get("plots", [])]
     return "\n".join(parts).rstrip()
 

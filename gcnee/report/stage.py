@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import gcnee.pipeline  # noqa: F401  (registers the stages reported on, before this one)
 from gcnee.distributed import is_global_zero
+from gcnee.paths import portable
 from gcnee.report import ablations as abl
 from gcnee.report.collect import collect_run, report_dir
 from gcnee.report.render import render
@@ -95,7 +96,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     report = build_report(cfg, execute=True)
     summary: dict[str, Any] = {
-        "report": str(report_dir(cfg) / "report.md"),
+        "report": portable(report_dir(cfg) / "report.md", run_dir(cfg)),
         "stages": {n: s["status"] for n, s in report["stages"].items()},
         "ablations": [s["run"] for s in report["ablations"]["siblings"]],
     }
