@@ -250,6 +250,7 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     """Score ``input_path`` (JSON lines) into ``output_path``; returns counts and timing."""
     from tqdm.auto import tqdm
 
+    from gcnee.progress import lines_wanted, progress
     from gcnee.stages import atomic_path
 
     src = Path(input_path)
@@ -260,8 +261,9 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     start = time.perf_counter()
     with open(src, encoding="utf-8") as fin, atomic_path(output_path) as tmp, \
             open(tmp, "w", encoding="utf-8") as fout:
-        lines = tqdm(fin, desc="predict", unit=" lines",
-                     disable=not cfg.trainer.enable_progress_bar)
+        lines = (progress(fin, "predict", unit="line") if lines_wanted() else
+                 tqdm(fin, desc="predict", unit=" lines",
+                      disable=not cfg.trainer.enable_progress_bar))
         for rec in pred.predict_lines(lines):
             counts["errors" if "error" in rec else "scored"] += 1
             fout.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -101,9 +101,11 @@ def test_load_time_choices_match_the_stages_own_constants():
     from gcnee.data.readers import FORMATS
     from gcnee.data.readers_common import MISSING_TITLE_MODES
     from gcnee.data.samples import FEW_SHOT_BALANCES, LABEL_OPS, SPLIT_KINDS
+    from gcnee.exits.calibration import KINDS as CALIBRATIONS
     from gcnee.exits.heads import HEAD_KINDS, INIT_KINDS
     from gcnee.exits.module import LR_DEPTHS
     from gcnee.exits.rules import RULES
+    from gcnee.exits.scorer import RULE_READS
     from gcnee.llm.backbone import ATTENTIONS, QUANTIZATIONS
     from gcnee.llm.module import LOSSES
     from gcnee.llm.prompts import EXAMPLE_ORDERS
@@ -116,6 +118,7 @@ def test_load_time_choices_match_the_stages_own_constants():
            "retriever.edges": EDGE_RULES, "llm.loss": LOSSES, "llm.quantization": QUANTIZATIONS,
            "llm.attention": ATTENTIONS, "prompt.example_order": EXAMPLE_ORDERS,
            "exits.head": HEAD_KINDS, "exits.init": INIT_KINDS, "exits.lr_depth": LR_DEPTHS,
-           "eval.rule": RULES}
+           "eval.rule": RULES, "eval.rule_reads": RULE_READS,
+           "exits.calibration": CALIBRATIONS}
     for key, values in own.items():
         assert set(CHOICES[key]) == set(values), key

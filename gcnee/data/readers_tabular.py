@@ -191,6 +191,13 @@ class FileShape:
     shape: str  # the data row's shape in words, for messages
 
 
+# ml-100k's u.data and ml-1m's ratings.dat hold the same four fields.
+_MOVIELENS_RATINGS = FileShape(
+    "interactions", (("userid", "user"), ("itemid", "movieid", "item"), ("rating",),
+                     ("timestamp", "time")),
+    lambda f: len(f) == 4 and _is_number(f[2]) and _is_number(f[3]),
+    "4 fields: user, item, numeric rating, numeric timestamp")
+
 SHAPES: dict[tuple[str, str], FileShape] = {
     ("bookcrossing", "interactions"): FileShape(
         "interactions", (("userid", "user"), ("isbn", "itemid", "bookid", "item"),
@@ -203,19 +210,11 @@ SHAPES: dict[tuple[str, str], FileShape] = {
     ("bookcrossing", "users"): FileShape(
         "users", (("userid", "user"),), lambda f: f[0].strip().isdigit(),
         "a numeric user id first"),
-    ("movielens-100k", "interactions"): FileShape(
-        "interactions", (("userid", "user"), ("itemid", "movieid", "item"), ("rating",),
-                         ("timestamp", "time")),
-        lambda f: len(f) == 4 and _is_number(f[2]) and _is_number(f[3]),
-        "4 fields: user, item, numeric rating, numeric timestamp"),
+    ("movielens-100k", "interactions"): _MOVIELENS_RATINGS,
     ("movielens-100k", "items"): FileShape(
         "items", (("movieid", "itemid", "id"), ("movietitle", "title")),
         lambda f: len(f) >= 2 and f[0].strip().isdigit(), "a numeric movie id, then the title"),
-    ("movielens-1m", "interactions"): FileShape(
-        "interactions", (("userid", "user"), ("movieid", "itemid", "item"), ("rating",),
-                         ("timestamp", "time")),
-        lambda f: len(f) == 4 and _is_number(f[2]) and _is_number(f[3]),
-        "4 fields: user, item, numeric rating, numeric timestamp"),
+    ("movielens-1m", "interactions"): _MOVIELENS_RATINGS,
     ("movielens-1m", "items"): FileShape(
         "items", (("movieid", "itemid", "id"), ("title",), ("genres", "genre")),
         lambda f: len(f) >= 2 and f[0].strip().isdigit(), "a numeric movie id, then the title"),

@@ -46,6 +46,7 @@ from gcnee.exits.cost import head_cost_layers, ideal_speedup
 from gcnee.exits.rules import ExitRule, make_rule, replay
 from gcnee.exits.scorer import EarlyExitScorer
 from gcnee.metrics import auc, auc_ci, auc_diff_ci
+from gcnee.progress import ProgressLog
 from gcnee.stages import atomic_path
 from gcnee.timing import interleaved, median_ratio, rate
 
@@ -287,9 +288,16 @@ def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_
         row["timed_as"] = patterns[key]
     for sc, kw in calls.values():  # warm-up: one batch of each keeps first-call costs out
         sc.score_requests(timed[:bs], bs, **kw)
-    runs = {name: (lambda sc=sc, kw=kw: sc.score_requests(timed, bs, **kw))
-            for name, (sc, kw) in calls.items()}
+    log = ProgressLog("exits: sweep timing", total=len(calls) * repeats, unit="timed run")
+
+    def run(sc: EarlyExitScorer, kw: dict[str, Any]) -> Any:
+        out = sc.score_requests(timed, bs, **kw)
+        log.update()
+        return out
+
+    runs = {name: (lambda sc=sc, kw=kw: run(sc, kw)) for name, (sc, kw) in calls.items()}
     seconds, _, results = interleaved(runs, repeats)
+    log.done()
     full = rows[0][2]["row"]
     for s, heads, row in rows:
         name = row["timed_as"]
