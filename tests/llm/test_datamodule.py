@@ -167,3 +167,26 @@ def test_simple_scorers_hand_checked():
     assert score_simple("item_mean", prepared, [s])[0] == pytest.approx(expected)
     with pytest.raises(ValueError, match="unknown simple scorer"):
         score_simple("nope", prepared, [s])
+
+
+def test_exit_heads_can_train_on_more_samples_than_the_llm(folders):
+    """train_samples (exits.max_train_samples) keeps the LLM's few-shot samples and adds seeded
+    further training samples; val/test are unchanged; its own token cache."""
+    data_dir, retr_dir, cache_dir = folders
+    tok = make_tiny_tokenizer()
+    base = CTRDataModule(make_cfg(), data_dir, retr_dir, cache_dir, tok)
+    base.setup()
+    more = CTRDataModule(make_cfg(), data_dir, retr_dir, cache_dir, tok, train_samples=5)
+    more.setup()
+    few = [s.sample_id for s in base.samples["train"]]
+    got = [s.sample_id for s in more.samples["train"]]
+    assert few == [0, 1, 2] and len(got) == 5 and set(few) <= set(got)
+    assert set(got) <= {s.sample_id for s in make_prepared().splits["train"]}
+    assert got == sorted(got) and len(more.datasets["train"]) == 5
+    for split in ("val", "test"):
+        assert more.datasets[split].input_ids == base.datasets[split].input_ids
+    assert more.cache_path() != base.cache_path()
+    again = CTRDataModule(make_cfg(), data_dir, retr_dir, cache_dir, tok, train_samples=5)
+    assert [s.sample_id for s in again.split_samples()["train"]] == got  # seeded
+    capped = CTRDataModule(make_cfg(), data_dir, retr_dir, cache_dir, tok, train_samples=2)
+    assert [s.sample_id for s in capped.split_samples()["train"]] == few  # never fewer
