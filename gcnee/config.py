@@ -171,6 +171,10 @@ class ExitsConfig:
     # Training samples the heads see: null = the llm stage's few-shot set; a larger count draws
     # further (seeded) training samples, whose prompts and backbone states are built once.
     max_train_samples: int | None = None
+    # Validation samples the calibration is fitted on and the sweep chooses on: null = the llm
+    # stage's (eval.val_max_samples, whose recorded states are reused); a larger subset costs
+    # one backbone pass per further sample.
+    val_samples: int | None = None
 
 
 @dataclass

@@ -3,7 +3,8 @@ then sweep the exit rules.
 
 Reads the merged tuned model of the ``llm`` stage (``checkpoints/<run>/llm/merged``) and the same
 tokenized prompts (``CTRDataModule``; its token cache in the llm stage folder is reused, or, with
-``exits.max_train_samples`` beyond the LLM's few-shot set, one of its own here). Trains the heads
+``exits.max_train_samples`` beyond the LLM's few-shot set or ``exits.val_samples``, one of its
+own here). Trains the heads
 with ``ExitHeadsModule`` (one optimizer, one parameter group per head, depth-decayed learning
 rates; resumes from ``ckpt/last.ckpt``), validates each head, fits the per-head calibration
 (``exits.calibration``) on every head's validation P(yes), then runs the test loop with
@@ -117,9 +118,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # here (the llm stage's is reused otherwise).
     dm_cfg = cfg.copy()
     dm_cfg.llm.batch_size = int(cfg.exits.batch_size)
-    extra = cfg.exits.max_train_samples
+    extra, val_n = cfg.exits.max_train_samples, cfg.exits.val_samples
+    if val_n is not None:
+        dm_cfg.eval.val_max_samples = int(val_n)
+    own_prompts = extra is not None or val_n is not None
     dm = CTRDataModule(dm_cfg, ctx.input_dir("data"), ctx.input_dir("retriever"),
-                       ctx.out_dir if extra is not None else llm_dir, tokenizer,
+                       ctx.out_dir if own_prompts else llm_dir, tokenizer,
                        train_samples=extra)
     dm.prepare_data()
     dm.setup()
@@ -160,6 +164,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "layers": heads.layers,
         "train_samples": len(dm.datasets["train"]),
+        "val_samples": len(dm.datasets["val"]),
         "learning_rates": {str(k): v for k, v in module.lrs.items()},
         "resumed_from_step": checkpoint_step(resume),
         "states_from_llm_stage": reused,

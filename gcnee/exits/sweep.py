@@ -13,11 +13,12 @@ calibrated scores with the rule reading calibrated P(yes).
 **AUC** of a row is replayed from every head's recorded raw P(yes) (:func:`gcnee.exits.rules.
 replay`; in float32 the exits the online scorer takes, tested): on the test split with a 95 %
 bootstrap interval and a paired bootstrap interval of the difference to full depth, and on the
-validation split. Validation rows use calibration *cross-fitted* on validation (each fold scored
-by maps fitted on the other folds), so a calibrated row is not judged on the samples its maps
-were fitted on.
+validation split, where calibrated rows are *cross-fitted*, so that a calibrated row is not
+judged on the samples its maps were fitted on.
 
-**Choice, on validation only.** Among the rows whose validation AUC is at most
+**Choice, on validation only.** Validation AUC is the mean of the AUCs within 5 stratified folds,
+each fold's calibrated scores coming from maps fitted on the other four (the same folds for every
+row, so differences are paired). Among the rows whose validation AUC is at most
 ``eval.max_auc_loss`` below full depth's, the one with the largest ideal speedup on validation
 (:mod:`gcnee.exits.cost`) is ``chosen``; its test AUC, paired interval and measured RPS are then
 reported. Test never picks anything.
@@ -26,9 +27,11 @@ reported. Test never picks anything.
 ``eval.batch_size`` by the online scorer (batch compaction) for every distinct exit pattern
 (rows with identical exits on those requests share one timing), all patterns interleaved over
 ``eval.rps_repeats`` repeats (:mod:`gcnee.timing`); a row's speedup is the median of its paired
-ratios to full depth, beside its ideal speedup and achieved / ideal. Under bf16 the timed
-scorer's exits can differ from the replay for a few near-threshold requests
-(``replay_mismatches``: bf16 rounding depends on the batch's shape); in float32 they agree.
+ratios to full depth, beside its ideal speedup over all test requests and achieved / ideal, the
+ideal of the timed requests' own exits (a small timed subset can exit differently from all).
+Under bf16 the timed scorer's exits can differ from the replay for a few near-threshold
+requests (``replay_mismatches``: bf16 rounding depends on the batch's shape); in float32 they
+agree.
 """
 
 from __future__ import annotations
@@ -119,26 +122,39 @@ def _exits(s: Setting, raw: torch.Tensor, cal: torch.Tensor) -> tuple[np.ndarray
     return head.numpy(), source[torch.arange(n), head].numpy()
 
 
-def cross_fitted(probs: torch.Tensor, labels: np.ndarray, layers: Sequence[int], kind: str,
-                 folds: int = 5, seed: int = 0) -> torch.Tensor:
-    """Validation probabilities ``(n, H)`` calibrated out of fold: fold k's rows by maps fitted
-    on the other folds (stratified, seeded)."""
-    from gcnee.exits.calibration import Calibration
-
+def val_folds(labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """A fold id ``(n,)`` per validation sample, stratified by class and seeded."""
     y = np.asarray(labels)
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=np.int64)
     for c in (0, 1):
         idx = np.flatnonzero(y == c)
         fold[idx] = rng.permutation(len(idx)) % folds
+    return fold
+
+
+def cross_fitted(probs: torch.Tensor, labels: np.ndarray, layers: Sequence[int], kind: str,
+                 fold: np.ndarray) -> torch.Tensor:
+    """Validation probabilities ``(n, H)`` calibrated out of fold: the rows of fold k by maps
+    fitted on the other folds."""
+    from gcnee.exits.calibration import Calibration
+
+    y = np.asarray(labels)
     out = torch.empty_like(probs)
-    for k in range(folds):
-        test = fold == k
-        if not test.any():
-            continue
-        cal = Calibration.fit(probs[~test], y[~test], layers, kind=kind, seed=seed)
-        out[torch.from_numpy(test)] = cal.apply_all(probs[torch.from_numpy(test)], layers)
+    for k in np.unique(fold):
+        test = torch.from_numpy(fold == k)
+        cal = Calibration.fit(probs[~test], y[~test.numpy()], layers, kind=kind)
+        out[test] = cal.apply_all(probs[test], layers)
     return out
+
+
+def fold_auc(labels: np.ndarray, scores: np.ndarray, fold: np.ndarray) -> float:
+    """Mean over folds of the AUC within each fold: each fold is scored by one set of maps, so
+    no ranking crosses two calibrations (pooling out-of-fold scores would)."""
+    y = np.asarray(labels)
+    values = [auc(y[fold == k], scores[fold == k]) for k in np.unique(fold)
+              if 0 < y[fold == k].sum() < (fold == k).sum()]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
@@ -177,9 +193,9 @@ def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
     if val_probs is not None and val_labels is not None and len(val_labels):
         vy = np.asarray(val_labels, dtype=np.int64)
         vraw = val_probs.float()
-        vcal = (cross_fitted(vraw, vy, layers, calibration_kind, seed=seed) if calibrated
-                else vraw)
-        val = (vy, vraw, vcal)
+        fold = val_folds(vy, seed=seed)
+        vcal = cross_fitted(vraw, vy, layers, calibration_kind, fold) if calibrated else vraw
+        val = (vy, vraw, vcal, fold)
     settings = sweep_settings(eval_cfg, len(layers), calibrated)
     n_layers = scorer.num_layers
     mean_t = float(np.mean([len(r) for r in requests])) if len(requests) else 1.0
@@ -223,10 +239,10 @@ def run_sweep(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]],
                "n_auc": int(len(y))}
         if val is not None and (not full or v_full is not None):
             vh, vs = (None, v_full) if full else _exits(s, val[1], val[2])
-            row["val_auc"] = auc(val[0], vs)
+            row["val_auc"] = fold_auc(val[0], vs, val[3])
             row["val_ideal_speedup"] = 1.0 if full else ideal(vh, False)
         rows.append((s, heads, row))
-    _time_rows(scorer, requests, eval_cfg, rows, calibration)
+    _time_rows(scorer, requests, eval_cfg, rows, calibration, ideal)
     full_row = rows[0][2]
     for _, _, r in rows:
         if "val_auc" in r and "val_auc" in full_row:
@@ -259,13 +275,15 @@ def choose(rows: list[dict[str, Any]], max_auc_loss: float) -> dict[str, Any] | 
                                      "val_auc", "val_auc_loss", "val_ideal_speedup", "auc",
                                      "auc_lo", "auc_hi", "auc_diff", "auc_diff_lo",
                                      "auc_diff_hi", "rps", "speedup", "ideal_speedup",
-                                     "achieved_fraction", "mean_exit_layer")}
+                                     "timed_ideal_speedup", "achieved_fraction",
+                                     "mean_exit_layer")}
 
 
 def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_cfg: Any,
-               rows: list[tuple[Setting, Any, dict]], calibration: Any) -> None:
+               rows: list[tuple[Setting, Any, dict]], calibration: Any, ideal: Any) -> None:
     """Measure RPS for every distinct exit pattern on the timed subset, interleaved; fill each
-    row's ``rps``, ``speedup``, ``achieved_fraction``, ``replay_mismatches``."""
+    row's ``rps``, ``speedup``, ``timed_ideal_speedup`` (the ideal of the timed requests' own
+    exits), ``achieved_fraction`` (of that ideal) and ``replay_mismatches``."""
     n = len(requests) if eval_cfg.rps_samples is None else min(len(requests),
                                                                 int(eval_cfg.rps_samples))
     timed = list(requests[:n])
@@ -303,7 +321,8 @@ def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_
         name = row["timed_as"]
         row["rps"] = rate(n, seconds[name])
         row["speedup"] = median_ratio(seconds[full], seconds[name])
-        row["achieved_fraction"] = row["speedup"] / row["ideal_speedup"]
+        row["timed_ideal_speedup"] = 1.0 if heads is None else ideal(heads[:n], False)
+        row["achieved_fraction"] = row["speedup"] / row["timed_ideal_speedup"]
         row["n_rps"], row["rps_seconds"] = n, [round(x, 4) for x in seconds[name]]
         if heads is not None:
             online = results[name].exit_heads.numpy()

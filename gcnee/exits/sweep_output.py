@@ -12,7 +12,8 @@ from gcnee.stages import atomic_path, write_json
 
 COLUMNS = ["row", "kind", "rule", "tau", "m", "layer", "calibrated", "reads", "auc", "auc_lo",
            "auc_hi", "auc_diff", "auc_diff_lo", "auc_diff_hi", "val_auc", "val_auc_loss",
-           "val_ideal_speedup", "rps", "speedup", "ideal_speedup", "achieved_fraction",
+           "val_ideal_speedup", "rps", "speedup", "ideal_speedup", "timed_ideal_speedup",
+           "achieved_fraction",
            "mean_exit_layer", "replay_mismatches", "n_auc", "n_rps"]
 
 

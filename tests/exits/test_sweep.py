@@ -9,7 +9,14 @@ from gcnee.exits.calibration import Calibration
 from gcnee.exits.heads import ExitHeads
 from gcnee.exits.rules import make_rule, replay
 from gcnee.exits.scorer import EarlyExitScorer
-from gcnee.exits.sweep import choose, cross_fitted, run_sweep, sweep_settings
+from gcnee.exits.sweep import (
+    choose,
+    cross_fitted,
+    fold_auc,
+    run_sweep,
+    sweep_settings,
+    val_folds,
+)
 from gcnee.exits.sweep_output import write_sweep
 from gcnee.metrics import auc
 
@@ -82,7 +89,7 @@ def test_sweep_rows_match_replay_and_full_depth(tmp_path):
     assert all(r.get("replay_mismatches", 0) == 0 for r in rows)
     for r in rows:
         assert r["n_rps"] == 10 and r["n_auc"] == len(reqs) and r["rps"] > 0
-        assert r["achieved_fraction"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+        assert r["achieved_fraction"] == pytest.approx(r["speedup"] / r["timed_ideal_speedup"])
         assert abs(sum(r["exit_share"].values()) - 1.0) < 1e-9
     assert result["chosen"] is None  # no validation, nothing chosen
 
@@ -157,5 +164,12 @@ def test_calibrated_sweep_chooses_on_cross_fitted_validation_and_reports_test():
     assert cal_cal["val_auc"] == 1.0 and cal_cal["val_auc_loss"] == 0.0
     assert res["chosen"]["row"] == cal_cal["row"]
     assert res["calibration"] is not None and res["n_val"] == 120
-    oof = cross_fitted(val_p, vy, [2, 4], "platt")
+    fold = val_folds(vy)
+    assert sorted(np.bincount(fold).tolist()) == [24] * 5  # stratified: 12 of each class
+    assert all(vy[fold == k].sum() == 12 for k in range(5))
+    oof = cross_fitted(val_p, vy, [2, 4], "platt", fold)
     assert oof.shape == val_p.shape and not torch.equal(oof, cal.apply_all(val_p, [2, 4]))
+    # validation AUC is the mean of per-fold AUCs (each fold scored by one set of maps)
+    scores = oof[:, 1].numpy()
+    assert fold_auc(vy, scores, fold) == pytest.approx(
+        np.mean([auc(vy[fold == k], scores[fold == k]) for k in range(5)]))
