@@ -11,6 +11,7 @@ the steadier of the two on a shared machine (spinning OpenMP threads still infla
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +34,24 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int
+def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, shuffle: int | None = None
                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Any]]:
     """Run every variant ``repeats`` times, interleaved; ``({name: [wall seconds]},
-    {name: [process CPU seconds]}, {name: last result})``."""
+    {name: [process CPU seconds]}, {name: last result})``. ``shuffle`` (a seed): each repeat
+    runs the variants in another random order, so that no variant always runs at the same point
+    of a round (with many variants a round is long, and where a variant stands in it matters)."""
     if repeats < 1:
         raise ValueError(f"bench.repeats must be >= 1, got {repeats}")
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     results: dict[str, Any] = {}
+    names = list(variants)
+    rng = random.Random(shuffle)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        if shuffle is not None:
+            rng.shuffle(names)
+        for name in names:
+            fn = variants[name]
             c0 = time.process_time()
             results[name], s = timed(fn)
             cpu[name].append(time.process_time() - c0)

@@ -32,6 +32,10 @@ def test_fit_runs_every_stage_on_the_tiny_config(tmp_path, tiny_model_dir):
     # exits.calibration=auto: fitted on validation, stored with the heads, one map per head
     assert sorted(int(k) for k in sweep["calibration"]) == [1, 2, 3, 4]
     assert sweep["n_val"] == llm["metrics"]["val"]["tuned"]["n"]
+    # fitted on the validation samples, all of them and nothing else
+    assert {c["n"] for c in sweep["calibration"].values()} == {sweep["n_val"]}
+    assert {c["n_pos"] for c in sweep["calibration"].values()} == {
+        llm["metrics"]["val"]["tuned"]["positives"]}
     chosen = sweep["chosen"]
     assert chosen is not None and chosen["val_auc_loss"] <= sweep["max_auc_loss"] + 1e-12
     assert exits["chosen"] == chosen and exits["calibration"] is not None

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from gcnee.bench.scoring import runner_yes_probability
-from gcnee.llm.runner import LayerRunner, length_sorted_batches
+from gcnee.llm.batch import length_sorted_batches
+from gcnee.llm.runner import LayerRunner
 from gcnee.metrics import auc
 from gcnee.timing import interleaved, median_ratio, rate
 

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcnee.llm.runner import LayerRunner, length_sorted_batches
+from gcnee.llm.batch import length_sorted_batches
+from gcnee.llm.runner import LayerRunner
 from gcnee.timing import interleaved, median_ratio, rate
 
 BASELINE = "generate + vocab softmax"
@@ -97,7 +98,7 @@ def all_positions_yes_probability(model: Any, input_ids: torch.Tensor,
                                   ) -> torch.Tensor:
     """A plain forward (vocabulary logits at every position), then the last position."""
     from gcnee.llm.answer import prob_yes
-    from gcnee.llm.runner import positions_from_mask
+    from gcnee.llm.batch import positions_from_mask
 
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=attention_mask,

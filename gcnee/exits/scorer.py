@@ -31,7 +31,8 @@ from torch import nn
 from gcnee.exits.heads import ExitHeads
 from gcnee.exits.rules import ExitRule, make_rule
 from gcnee.llm.answer import prob_yes
-from gcnee.llm.runner import LayerRunner, length_sorted_batches
+from gcnee.llm.batch import length_sorted_batches
+from gcnee.llm.runner import LayerRunner
 
 MODES = ("exit", "full", "all")
 RULE_READS = ("raw", "calibrated")

@@ -26,9 +26,11 @@ reported. Test never picks anything.
 **RPS** is measured, not predicted: the first ``eval.rps_samples`` test requests are scored at
 ``eval.batch_size`` by the online scorer (batch compaction) for every distinct exit pattern
 (rows with identical exits on those requests share one timing), all patterns interleaved over
-``eval.rps_repeats`` repeats (:mod:`gcnee.timing`); a row's speedup is the median of its paired
-ratios to full depth, beside its ideal speedup over all test requests and achieved / ideal, the
-ideal of the timed requests' own exits (a small timed subset can exit differently from all).
+``eval.rps_repeats`` repeats in a shuffled order per repeat (:mod:`gcnee.timing`); a row's
+speedup is the median of its paired ratios to full depth (from wall time, and from process CPU
+time, which other processes on a shared machine disturb less), beside its ideal speedup over all
+test requests and achieved / ideal, the ideal of the timed requests' own exits (a small timed
+subset can exit differently from all).
 Under bf16 the timed scorer's exits can differ from the replay for a few near-threshold
 requests (``replay_mismatches``: bf16 rounding depends on the batch's shape); in float32 they
 agree.
@@ -304,7 +306,10 @@ def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_
                     calibration=calibration if s.calibrated else None, rule_reads=s.reads)
                 calls[row["row"]] = (online, {"rule": s.rule})
         row["timed_as"] = patterns[key]
-    for sc, kw in calls.values():  # warm-up: one batch of each keeps first-call costs out
+    # Warm-up: the whole timed set once at full depth (every batch shape), one batch of each
+    # other pattern, so first-call and allocation costs stay out of the timings.
+    scorer.score_requests(timed, bs, mode="full")
+    for sc, kw in calls.values():
         sc.score_requests(timed[:bs], bs, **kw)
     log = ProgressLog("exits: sweep timing", total=len(calls) * repeats, unit="timed run")
 
@@ -314,13 +319,14 @@ def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_
         return out
 
     runs = {name: (lambda sc=sc, kw=kw: run(sc, kw)) for name, (sc, kw) in calls.items()}
-    seconds, _, results = interleaved(runs, repeats)
+    seconds, cpu, results = interleaved(runs, repeats, shuffle=0)
     log.done()
     full = rows[0][2]["row"]
     for s, heads, row in rows:
         name = row["timed_as"]
         row["rps"] = rate(n, seconds[name])
         row["speedup"] = median_ratio(seconds[full], seconds[name])
+        row["speedup_cpu"] = median_ratio(cpu[full], cpu[name])
         row["timed_ideal_speedup"] = 1.0 if heads is None else ideal(heads[:n], False)
         row["achieved_fraction"] = row["speedup"] / row["timed_ideal_speedup"]
         row["n_rps"], row["rps_seconds"] = n, [round(x, 4) for x in seconds[name]]

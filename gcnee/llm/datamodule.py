@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 
 from gcnee.data.samples import capped_train, eval_subset  # noqa: F401  (eval_subset: re-export)
 from gcnee.data.tables import PreparedData, Sample
+from gcnee.llm.batch import left_pad
+from gcnee.progress import lines_wanted, progress
 from gcnee.stages import MARKER, StageError, atomic_path, read_json
 
 EVAL_SPLITS = ("val", "test")
@@ -64,14 +66,9 @@ class TokenizedSplit(Dataset):
 
 
 def collate_left(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a list of items to the batch's longest prompt (shapes in the module docstring)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[row, width - n:] = torch.as_tensor(b["input_ids"], dtype=torch.long)
-        mask[row, width - n:] = 1
+    """Left-pad a list of items to the batch's longest prompt (:func:`gcnee.llm.batch.left_pad`)
+    with their labels and sample ids."""
+    ids, mask = left_pad([b["input_ids"] for b in batch], pad_id)
     return {"input_ids": ids, "attention_mask": mask,
             "label": torch.tensor([b["label"] for b in batch], dtype=torch.long),
             "sample_id": torch.tensor([b["sample_id"] for b in batch], dtype=torch.long)}
@@ -226,8 +223,11 @@ class CTRDataModule(L.LightningDataModule):
         previews: list[str] = []
         for split, samples in self.split_samples().items():
             ids_all, trunc_all = [], []
-            for s in tqdm(samples, desc=f"prompts {split}", leave=False,
-                          disable=not self.cfg.trainer.enable_progress_bar):
+            shown = (progress(samples, f"prompts {split}", unit="prompt", only_if_slow=True)
+                     if lines_wanted() else
+                     tqdm(samples, desc=f"prompts {split}", leave=False,
+                          disable=not self.cfg.trainer.enable_progress_bar))
+            for s in shown:
                 neighbors = similar.get(s.user, s.history_items) if similar is not None else []
                 examples = example_lines(neighbors, s.item, by_user, titles, pcfg)
                 parts = prompt_parts(s, examples, pcfg)

@@ -31,6 +31,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from gcnee.distributed import all_gather_objects
 from gcnee.llm.answer import prob_yes
+from gcnee.llm.batch import positions_from_mask
 from gcnee.llm.runner import LayerRunner
 from gcnee.llm.shared_prefix import (
     gradient_checkpointing_active,
@@ -64,9 +65,9 @@ def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
     if prefix:
         last = last_hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix)
     else:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         last = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=False).last_hidden_state[:, -1]
+                       position_ids=positions_from_mask(attention_mask),
+                       use_cache=False).last_hidden_state[:, -1]
     head = base.get_output_embeddings()
     return float32_linear(last, head.weight, head.bias)
 

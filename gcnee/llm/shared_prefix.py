@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from gcnee.llm.batch import positions_from_mask
+
 # Shorter shared prefixes are not worth the second (small) forward's fixed cost.
 MIN_PREFIX_TOKENS = 16
 
@@ -87,7 +89,7 @@ def last_hidden_with_shared_prefix(decoder: torch.nn.Module, input_ids: torch.Te
     # the original mask's first T - P columns (what lands left of it is masked out).
     own = attention_mask[:, : width - prefix]
     mask = torch.cat([own.new_ones(batch, prefix), own], dim=1)
-    position_ids = prefix + (own.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = prefix + positions_from_mask(own)
     out = decoder(input_ids=input_ids[:, prefix:], attention_mask=mask,
                   position_ids=position_ids, use_cache=True, **{kwarg: cache})
     return out.last_hidden_state[:, -1]

@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcnee.llm.runner import (
-    LayerRunner,
-    attention_mask_4d,
-    check_left_padded,
-    left_pad,
-    length_sorted_batches,
-    positions_from_mask,
-)
+from gcnee.llm.batch import check_left_padded, left_pad, length_sorted_batches, positions_from_mask
+from gcnee.llm.runner import LayerRunner, attention_mask_4d
 
 from tiny import make_tiny_llama
 
