@@ -147,3 +147,25 @@ def test_predict_without_a_trained_run_names_the_stage(tmp_path, capsys):
     assert main(["predict", "--config", TINY, f"run.checkpoints_dir={tmp_path}",
                  "--input", str(req), "--output", str(tmp_path / "o.jsonl")]) == 1
     assert "the 'data' stage has not finished" in capsys.readouterr().err
+
+
+def test_a_run_is_scored_with_its_own_prompt_settings(fitted):
+    """TrainedRun: a command-line key that changes the prompts fails by name; a training key is
+    one warning and the run's value is used; serving keys apply."""
+    import warnings
+
+    from gcnee.run import TrainedRun
+    from gcnee.stages import StageError
+
+    with pytest.raises(StageError, match=r"prompt\.history_items: the run has None, the "
+                                         r"command line 2"):
+        TrainedRun.open(fitted.cfg("prompt.history_items=2"), tables=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = TrainedRun.open(fitted.cfg("llm.lr=0.5", "eval.threshold=0.7",
+                                         "eval.batch_size=3"), tables=False)
+    said = [str(w.message) for w in caught if "trained with other settings" in str(w.message)]
+    assert len(said) == 1 and "llm.lr" in said[0]
+    assert run.cfg.llm.lr == fitted.cfg().llm.lr  # the run's own training value
+    assert run.cfg.eval.threshold == 0.7 and run.cfg.eval.batch_size == 3  # serving keys
+    assert run.fingerprint and run.calibration is not None and run.name == "tiny"
