@@ -222,6 +222,8 @@ class EvalConfig:
     # What the exit rule reads when the heads are calibrated: raw | calibrated P(yes) (scores are
     # calibrated either way).
     rule_reads: str = "raw"
+    # Which calibrated rows the sweep adds for each rule: what their rule reads.
+    sweep_rule_reads: list[str] = field(default_factory=lambda: ["raw", "calibrated"])
     # The report's chosen setting: the fastest on validation whose validation AUC is at most this
     # much below full depth's.
     max_auc_loss: float = 0.005

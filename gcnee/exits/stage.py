@@ -91,7 +91,8 @@ def fit_calibration(module: Any, val_ids: list[int], val_labels: list[int], laye
 EXIT_EVAL_KEYS = [f"eval.{k}" for k in (
     "max_samples", "val_max_samples", "batch_size", "rule", "thresholds", "windows",
     "window_min_prev", "threshold", "window", "rps_samples", "bootstrap", "sweep_rules",
-    "confidence_thresholds", "patience_windows", "rule_reads", "max_auc_loss", "rps_repeats")]
+    "confidence_thresholds", "patience_windows", "rule_reads", "max_auc_loss", "rps_repeats",
+    "sweep_rule_reads")]
 
 
 @register("exits", config_keys=["exits", *EXIT_EVAL_KEYS, "run.seed", *TRAINER_RESULT_KEYS],

@@ -8,7 +8,8 @@ validation.
 leaving at exit layer l (``fixed``), for each head but the last (``eval.sweep_rules`` picks the
 families). With a per-head calibration (:mod:`gcnee.exits.calibration`), each rule row comes
 three ways: raw scores (no calibration), calibrated scores with the rule reading raw P(yes), and
-calibrated scores with the rule reading calibrated P(yes).
+calibrated scores with the rule reading calibrated P(yes) (``eval.sweep_rule_reads`` picks the
+last two).
 
 **AUC** of a row is replayed from every head's recorded raw P(yes) (:func:`gcnee.exits.rules.
 replay`; in float32 the exits the online scorer takes, tested): on the test split with a 95 %
@@ -83,6 +84,8 @@ def sweep_settings(eval_cfg: Any, n_heads: int, calibrated: bool) -> list[Settin
     """The rows of the sweep (module docstring), full depth first, without duplicates."""
     mp = int(getattr(eval_cfg, "window_min_prev", 1))
     families = list(getattr(eval_cfg, "sweep_rules", None) or FAMILIES)
+    reads = [str(r) for r in (getattr(eval_cfg, "sweep_rule_reads", None)
+                              or ("raw", "calibrated"))]
     bad = [f for f in families if f not in FAMILIES]
     if bad:
         raise ValueError(f"eval.sweep_rules: {bad} not among {FAMILIES}")
@@ -100,7 +103,7 @@ def sweep_settings(eval_cfg: Any, n_heads: int, calibrated: bool) -> list[Settin
                   for m in eval_cfg.patience_windows if int(m) < n_heads]
     out = [Setting("full", None)]
     for kind, rule in rules:
-        variants = [(False, "raw")] + ([(True, "raw"), (True, "calibrated")] if calibrated else [])
+        variants = [(False, "raw")] + ([(True, r) for r in reads] if calibrated else [])
         out += [Setting(kind, rule, c, r) for c, r in variants]
     if "fixed" in families:
         out += [Setting("fixed", make_rule("fixed", m=j + 1)) for j in range(n_heads - 1)]

@@ -57,6 +57,9 @@ def test_settings_cover_every_family_with_and_without_calibration():
     assert [(s.calibrated, s.reads) for s in rule_rows[:3]] == [
         (False, "raw"), (True, "raw"), (True, "calibrated")]
     assert len(rule_rows) == 3 * 5
+    one = sweep_settings(_cfg("eval.sweep_rules=[patience]", "eval.patience_windows=[2]",
+                              "eval.sweep_rule_reads=[raw]"), 4, True)
+    assert [(s.calibrated, s.reads) for s in one[1:]] == [(False, "raw"), (True, "raw")]
     only = sweep_settings(_cfg("eval.sweep_rules=[fixed]"), 4, True)
     assert [s.kind for s in only] == ["full", "fixed", "fixed", "fixed"]
 
