@@ -11,6 +11,14 @@
     gcnee report RUN | gcnee report --config FILE [key=value ...]
     gcnee compare RUN [RUN ...] [--split val|test]
     gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
+    gcnee plan --config FILE [--gpu-memory 80GB] [--samples N] [--model-config FILE] [k=v ...]
+    gcnee bench gpu [--tiny] [--out logs/gpu_check] [--budget-s 480] [--parts a,b]
+
+``gcnee plan`` prints what each stage holds in GPU memory, host memory and on disk, from the
+model's ``config.json`` alone, and whether it fits (``gcnee.plan``; docs/scale.md). ``gcnee bench
+gpu`` is the prepared check of a CUDA node (random 7B Llama: load, LoRA steps in bf16 and nf4,
+runner vs HF forward, early-exit RPS, a 1-GPU DDP step; ``--tiny`` on the CPU):
+``scripts/gpu_check.py``, ``gcnee.bench.gpu``.
 
 Flags and ``key=value`` overrides may come in any order. Every command takes ``--verbose``
 (Lightning's banners and tips, third-party deprecation warnings; ``gcnee.quiet``). The config
@@ -94,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
     bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    bgpu = bench.add_parser("gpu", help="the prepared CUDA node check (random 7B Llama; --tiny: "
+                            "a 2-layer model on the CPU): JSON + markdown")
+    bgpu.add_argument("--tiny", action="store_true", help="2-layer fp32 model (CPU, CI)")
+    bgpu.add_argument("--out", default="logs/gpu_check", help="output folder")
+    bgpu.add_argument("--budget-s", type=float, default=480.0, help="global time budget")
+    bgpu.add_argument("--parts", default=None, help="comma-separated parts (default: all)")
 
     ev = sub.add_parser("evaluate", help="threshold/window sweep of a trained run (no training)")
     _add_config_args(ev)
@@ -114,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", "-i", required=True, help="requests, one JSON object a line")
     pred.add_argument("--output", "-o", required=True, help="scores, one JSON object a line")
     pred.add_argument("--full-depth", action="store_true", help="no early exit (all layers)")
+    plan = sub.add_parser("plan", help="GPU/host/disk memory per stage from the model's "
+                          "config.json (no weights), and whether it fits")
+    _add_config_args(plan)
+    plan.add_argument("--gpu-memory", default=None,
+                      help="e.g. 40GB, 80GB (default: the visible GPU's, else 80GB)")
+    plan.add_argument("--samples", default=None, help="split sizes when the data stage has "
+                      "not run: N, or train=N,val=N,test=N")
+    plan.add_argument("--model-config", default=None, help="a config.json to read instead")
+    plan.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     _add_verbose(parser)
     return parser
 
@@ -222,6 +245,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Only the data stage: importing the whole pipeline would load torch/transformers.
         _data_preflight(cfg, args.force)
         run_pipeline(cfg, ["data"], force=args.force)
+        return 0
+    if args.command == "plan":  # bytes from config.json: no pipeline, no model
+        from gcnee.plan import format_plan, plan_from_config
+
+        plan = plan_from_config(cfg, args.gpu_memory, args.samples, args.model_config)
+        print(format_plan(plan))
+        if args.json:
+            from gcnee.stages import write_json
+
+            write_json(Path(args.json), plan.as_dict())
+        return 0
+    if args.command == "bench" and args.what == "gpu":
+        from gcnee.bench.gpu import run_gpu_check
+
+        run_gpu_check(args.out, tiny=args.tiny, budget_s=args.budget_s,
+                      parts=_split([args.parts]) if args.parts else None)
         return 0
     if args.command not in ("data", "model"):
         import gcnee.pipeline  # noqa: F401  (registers the stages)
