@@ -284,7 +284,8 @@ class TrainedRun:
                 autocast=autocast_dtype(self.cfg.trainer.precision),
                 share_prefix=self.cfg.llm.get("share_prefix", "auto"),
                 calibration=self.calibration,
-                rule_reads=str(self.cfg.eval.get("rule_reads", "raw")))
+                rule_reads=str(self.cfg.eval.get("rule_reads", "raw")),
+                max_length=int(self.cfg.llm.max_length))
         return self._scorer
 
     def datamodule(self, batch_size: int | None = None) -> Any:

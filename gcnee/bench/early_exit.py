@@ -69,7 +69,8 @@ def bench_early_exit(scorer: Any, requests: Sequence[Sequence[int]], batch_sizes
     c = head_cost_layers(scorer.config, mean_t)
     sharing = scorer.runner.sharing()
     twin = EarlyExitScorer(scorer.model, scorer.heads, pad_token_id=scorer.pad_token_id,
-                           autocast=scorer.autocast, share_prefix=not sharing)
+                           autocast=scorer.autocast, share_prefix=not sharing,
+                           max_length=scorer.runner.max_length)
     flipped = ", no prefix sharing" if sharing else ", prefix sharing"
     rows: list[dict[str, Any]] = []
     profiles: dict[str, str] = {}

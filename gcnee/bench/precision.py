@@ -52,7 +52,9 @@ def bench_precision_paths(model: Any, requests: Sequence[Sequence[int]], labels:
     n = len(requests)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
 
-    runner, bf16_runner = LayerRunner(model), LayerRunner(bf16_model)
+    longest = max(map(len, requests), default=None)  # what the runners see (sliding windows)
+    runner = LayerRunner(model, max_length=longest)
+    bf16_runner = LayerRunner(bf16_model, max_length=longest)
     setups: dict[str, tuple[Any, Callable[[], Any]]] = {
         REFERENCE: (runner, contextlib.nullcontext),
         "bf16 autocast": (runner, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),

@@ -137,9 +137,10 @@ def bench_scoring_paths(model: Any, requests: Sequence[Sequence[int]],
             return out
         return go
 
-    runner = LayerRunner(model, share_prefix=share_prefix)
+    longest = max(map(len, requests), default=None)  # what the runners see (sliding windows)
+    runner = LayerRunner(model, share_prefix=share_prefix, max_length=longest)
     sharing = runner.sharing()
-    flipped_runner = LayerRunner(model, share_prefix=not sharing)
+    flipped_runner = LayerRunner(model, share_prefix=not sharing, max_length=longest)
     ours = "layer runner (shared prefix)" if sharing else "layer runner"
     flipped = "layer runner, " + ("no prefix sharing" if sharing else "prefix sharing")
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

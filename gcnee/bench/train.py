@@ -131,7 +131,8 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     dm = run.datamodule(batch_size=int(cfg.exits.batch_size))
     module = ExitHeadsModule(run.model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
                              lr_depth=cfg.exits.lr_depth,
-                             share_prefix=cfg.llm.get("share_prefix", "auto"))
+                             share_prefix=cfg.llm.get("share_prefix", "auto"),
+                             max_length=int(cfg.llm.max_length))
     stats = time_training_steps(module, dm, cfg.trainer, steps, warmup)
     result["stages"].append({"stage": "exits (heads)", "batch_size": int(cfg.exits.batch_size),
                              "layers": list(cfg.exits.layers), "head": cfg.exits.head, **stats})

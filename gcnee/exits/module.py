@@ -66,20 +66,23 @@ class ExitHeadsModule(L.LightningModule):
             is frozen, so later epochs and evaluation reuse them; memory: samples x exit
             layers x hidden floats).
         share_prefix: ``llm.share_prefix`` of the backbone's layer runner.
+        max_length: ``llm.max_length``, the longest prompt (the runner checks sliding windows).
 
     Batches: ``{"input_ids": (B, T), "attention_mask": (B, T) left-padded, "label": (B,) 0/1}``.
     """
 
     def __init__(self, backbone: torch.nn.Module, heads: ExitHeads, lr: float = 1e-3,
                  beta: float = 0.1, lr_depth: str = "head", weight_decay: float = 0.0,
-                 cache: bool = True, share_prefix: bool | str | None = "auto") -> None:
+                 cache: bool = True, share_prefix: bool | str | None = "auto",
+                 max_length: int | None = None) -> None:
         super().__init__()
         if not heads.trainable_layers:
             raise ValueError(f"exits.layers={heads.layers} has no head to train (only the "
                              "model's own last layer)")
         self.backbone = backbone.requires_grad_(False).eval()
         # The scorer's runner: heads are trained on the states they are served on.
-        self.runner = LayerRunner(self.backbone, share_prefix=share_prefix)
+        self.runner = LayerRunner(self.backbone, share_prefix=share_prefix,
+                                  max_length=max_length)
         self.heads = heads
         self.lrs = head_learning_rates(heads.trainable_layers, float(lr), float(beta), lr_depth)
         self.weight_decay = float(weight_decay)

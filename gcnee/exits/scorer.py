@@ -80,6 +80,8 @@ class EarlyExitScorer:
             then the calibrated P(yes) (default: :obj:`None` = raw head probabilities).
         rule_reads (str, optional): what the exit rule reads, ``"raw"`` or ``"calibrated"``
             probabilities (``eval.rule_reads``; default: ``"raw"``).
+        max_length (int, optional): ``llm.max_length``, the longest prompt; the runner checks
+            sliding windows against it (default: :obj:`None`: sliding-window models refused).
     """
 
     def __init__(self, model: nn.Module, heads: ExitHeads,
@@ -87,8 +89,8 @@ class EarlyExitScorer:
                  pad_token_id: int | None = None,
                  autocast: torch.dtype | None = None,
                  share_prefix: bool | str | None = "auto", calibration: Any = None,
-                 rule_reads: str = "raw") -> None:
-        self.runner = LayerRunner(model, share_prefix=share_prefix)
+                 rule_reads: str = "raw", max_length: int | None = None) -> None:
+        self.runner = LayerRunner(model, share_prefix=share_prefix, max_length=max_length)
         self.model = model
         self.config = self.runner.config
         n = self.runner.num_layers

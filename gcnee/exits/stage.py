@@ -132,7 +132,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     module = ExitHeadsModule(model, heads, lr=float(cfg.exits.lr), beta=float(cfg.exits.beta),
                              lr_depth=cfg.exits.lr_depth,
-                             share_prefix=cfg.llm.get("share_prefix", "auto"))
+                             share_prefix=cfg.llm.get("share_prefix", "auto"),
+                             max_length=int(cfg.llm.max_length))
     reused = load_llm_states(module, llm_dir, heads.layers)
     logger = TensorBoardLogger(save_dir=str(ctx.log_dir), name="", version="",
                                default_hp_metric=False)

@@ -306,7 +306,8 @@ def _time_rows(scorer: EarlyExitScorer, requests: Sequence[Sequence[int]], eval_
                 online = EarlyExitScorer(
                     scorer.model, scorer.heads, pad_token_id=scorer.pad_token_id,
                     autocast=scorer.autocast, share_prefix=scorer.runner.share_prefix,
-                    calibration=calibration if s.calibrated else None, rule_reads=s.reads)
+                    calibration=calibration if s.calibrated else None, rule_reads=s.reads,
+                    max_length=scorer.runner.max_length)
                 calls[row["row"]] = (online, {"rule": s.rule})
         row["timed_as"] = patterns[key]
     # Warm-up: the whole timed set once at full depth (every batch shape), one batch of each
@@ -393,7 +394,8 @@ class ThresholdSweepCallback(L.Callback):
             return
         scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads,
                                  autocast=autocast_dtype(trainer.precision),
-                                 share_prefix=self.share_prefix)
+                                 share_prefix=self.share_prefix,
+                                 max_length=pl_module.runner.max_length)
         layers = pl_module.heads.layers
         # One process records every sample; under DDP each rank holds a shard and the sweep
         # recomputes the test probabilities (validation: no choice is made).

@@ -31,7 +31,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from gcnee.distributed import all_gather_objects
 from gcnee.llm.answer import prob_yes
-from gcnee.llm.batch import positions_from_mask
+from gcnee.llm.batch import check_left_padded, positions_from_mask
 from gcnee.llm.runner import LayerRunner
 from gcnee.llm.shared_prefix import (
     gradient_checkpointing_active,
@@ -55,6 +55,7 @@ def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
     false, auto = on CPU): run the prompt prefix that all rows share once
     (:mod:`gcnee.llm.shared_prefix`; same logits up to float rounding).
     """
+    check_left_padded(attention_mask)  # right padding or holes: the last position is not real
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # The decoder stack (LoRA layers included: peft injects them into its modules), final norm.
     decoder = base.model
@@ -134,7 +135,8 @@ class CTRLLMModule(L.LightningModule):
         # Scoring and state recording run the decoder layer by layer, as the exit scorer does
         # (same code, so the exit heads are trained on the states they are served on); the
         # training forward is Hugging Face's (gradients through the adapters).
-        self.runner = LayerRunner(self.model, share_prefix=llm_cfg.get("share_prefix", "auto"))
+        self.runner = LayerRunner(self.model, share_prefix=llm_cfg.get("share_prefix", "auto"),
+                                  max_length=llm_cfg.get("max_length"))
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         self.loss_kind = str(llm_cfg.loss)
         self.share_prefix = llm_cfg.get("share_prefix", "auto")

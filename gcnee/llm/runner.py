@@ -31,10 +31,16 @@ Invariant (tested): for any row, the states ``visit`` sees equal, up to float ro
 Hugging Face forward's ``hidden_states[l][row, -1]`` of that prompt alone, whatever the batch,
 the prefix sharing and the layers other rows left at.
 
-Supported: decoders whose layers take ``(hidden, attention_mask, position_ids, position_embeddings,
-cache)`` and whose attention reads keys/values through ``cache.update`` (Llama and the models
-built like it), with the ``eager`` or ``sdpa`` attention kernel. Anything else is refused here,
-at construction.
+Supported (:data:`SUPPORTED_MODEL_TYPES`): Llama, Mistral, Qwen2/Qwen2.5 and Qwen3, with the
+``eager`` or ``sdpa`` attention kernel. Their decoder layers all take ``(hidden, attention_mask,
+position_ids, position_embeddings, cache)`` and read keys/values through ``cache.update``; what
+differs between them (Qwen2's q/k/v biases, Qwen3's q/k norms, head_dim) lives inside the layers.
+Sliding-window attention (Mistral's ``sliding_window``, Qwen's ``use_sliding_window`` layers) is
+reproduced only where it equals full attention: a window of at least ``max_length`` tokens (the
+longest prompt the runner will see) hides nothing. Anything the runner does not reproduce (a
+shorter window, logit softcapping, Gemma's ``(1 + w)`` norms and scaled embeddings, per-layer-type
+rotary, any other model type) is refused at construction by :func:`check_architecture`, naming
+the model type and the feature.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ from gcnee.llm.shared_prefix import resolve_share_prefix, shared_prefix_length
 from gcnee.precision import float32_linear
 
 KERNELS = ("eager", "sdpa")
+# Model types whose decoder the runner reproduces (tests/llm/test_runner*.py check each against
+# the Hugging Face forward).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # visit(layer, states (n, hidden), rows (n,)) -> bool (n,) of the rows that leave, or None
 Visit = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]
@@ -116,11 +125,83 @@ def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(decoder, name):
             raise TypeError(f"{type(base).__name__} has no .model.{name}: not a decoder the "
-                            "layer runner can run layer by layer (Llama-style models only)")
+                            "layer runner can run layer by layer (supported model types: "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     head = base.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"{type(base).__name__}'s output head is not an nn.Linear")
     return decoder, head
+
+
+def sliding_window_layers(config: Any) -> tuple[list[int], int | None]:
+    """``(layers, window)``: the 1-based decoder layers that use sliding-window attention and the
+    window (``config.sliding_window``), or ``([], None)``. Mistral applies its window to every
+    layer; Qwen2/Qwen3 to the ``layer_types`` marked ``sliding_attention`` (their configs set
+    ``sliding_window`` to None unless ``use_sliding_window``)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return [], None
+    n = int(config.num_hidden_layers)
+    if getattr(config, "model_type", None) == "mistral":  # MistralAttention ignores layer_types
+        return list(range(1, n + 1)), int(window)
+    types = list(getattr(config, "layer_types", None) or [])
+    layers = [i + 1 for i, t in enumerate(types) if t == "sliding_attention"]
+    return layers, (int(window) if layers else None)
+
+
+def _spans(layers: Sequence[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(layers):
+        start = x if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(str(x) if x == start else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
+
+
+def unsupported_features(config: Any, max_length: int | None = None) -> list[str]:
+    """What in ``config`` the runner would not reproduce (empty: supported); ``max_length`` is
+    the longest prompt it will see (``llm.max_length``; None: unknown, so any sliding window
+    counts as unsupported)."""
+    mtype = str(getattr(config, "model_type", None))
+    found = []
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        found.append(f"model type '{mtype}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if mtype.startswith("gemma"):
+        found.append("Gemma-style (1 + w) RMSNorm and sqrt(hidden)-scaled embeddings")
+    for key, what in (("final_logit_softcapping", "final-logit softcapping"),
+                      ("attn_logit_softcapping", "attention-logit softcapping")):
+        if getattr(config, key, None) is not None:
+            found.append(f"{what} ({key}={getattr(config, key)})")
+    rope = getattr(config, "rope_parameters", None)
+    if getattr(config, "rope_local_base_freq", None) is not None or (
+            isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values())):
+        found.append("per-layer-type rotary embeddings")
+    types = set(getattr(config, "layer_types", None) or [])
+    odd = sorted(types - {"full_attention", "sliding_attention"})
+    if odd:
+        found.append(f"attention layer types {odd}")
+    layers, window = sliding_window_layers(config)
+    if layers and (max_length is None or window < int(max_length)):
+        need = ("no max_length was given to check it against" if max_length is None
+                else f"shorter than llm.max_length={int(max_length)}")
+        found.append(f"sliding-window attention (sliding_window={window} on layers "
+                     f"{_spans(layers)}; {need}; a window >= llm.max_length equals full "
+                     "attention and is accepted)")
+    return found
+
+
+def check_architecture(config: Any, max_length: int | None = None, name: str | None = None
+                       ) -> None:
+    """Raise ``ValueError`` naming the model type and every feature of ``config`` the runner
+    would not reproduce (:func:`unsupported_features`); ``name``: the model class, for the
+    message."""
+    found = unsupported_features(config, max_length)
+    if found:
+        mtype = getattr(config, "model_type", None)
+        what = f"{name} (model type '{mtype}')" if name else f"model type '{mtype}'"
+        raise ValueError(f"the layer runner cannot run {what}: it does not reproduce "
+                         + "; ".join(found))
 
 
 class LayerRunner:
@@ -132,15 +213,25 @@ class LayerRunner:
             injected, merged or not).
         share_prefix (bool or str, optional): run the rows' shared prompt prefix once
             (``llm.share_prefix``: true, false, or auto = on CPU; default: ``"auto"``).
+        max_length (int, optional): the longest prompt :meth:`run` will see (``llm.max_length``);
+            a sliding window at least this long is full attention for these prompts (default:
+            :obj:`None`: unknown, so a model with sliding-window layers is refused).
+
+    Raises ``ValueError`` for a model or kernel it does not reproduce (:func:`check_architecture`).
 
     The runner holds references, not copies: placing the model on a device moves it too.
     It runs under whatever autocast and grad mode the caller has set (no gradient is kept
     through :meth:`states`).
     """
 
-    def __init__(self, model: nn.Module, share_prefix: bool | str | None = "auto") -> None:
+    def __init__(self, model: nn.Module, share_prefix: bool | str | None = "auto",
+                 max_length: int | None = None) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        check_architecture(base.config, max_length, type(base).__name__)
         self.decoder, self.head = _decoder_parts(model)
         self.config = self.decoder.config
+        self.max_length = None if max_length is None else int(max_length)
+        self._window = sliding_window_layers(self.config)[1]
         kernel = str(getattr(self.config, "_attn_implementation", None) or "eager")
         if kernel not in KERNELS:
             raise ValueError(f"attention kernel '{kernel}' cannot be run layer by layer; set "
@@ -210,6 +301,11 @@ class LayerRunner:
             raise ValueError(f"attention_mask {tuple(am.shape)} does not match input_ids "
                              f"{tuple(ids.shape)}")
         check_left_padded(am)
+        longest = int(am.sum(1).max())
+        if self._window is not None and longest > self._window:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the model's sliding "
+                             f"window ({self._window}), which the layer runner does not "
+                             f"reproduce (max_length={self.max_length})")
         b, width = ids.shape
         prefix = shared_prefix_length(ids, am) if self.sharing() else 0
         stats = RunStats(prefix=prefix)
@@ -219,7 +315,6 @@ class LayerRunner:
             start = width - int(am[0].sum())
             p_pos = torch.arange(prefix, device=dev)[None]
             p_h = lm.embed_tokens(ids[:1, start:start + prefix])
-            p_rope = lm.rotary_emb(p_h, position_ids=p_pos)
             p_mask = attention_mask_4d(torch.ones_like(p_pos), 0, self.kernel, p_h.dtype)
             # Row r's own tokens sit at [T - len_r + P, T); dropping the first P columns puts
             # them at [T - len_r, T - P), where the original mask's ones start: the rows' mask
@@ -227,7 +322,14 @@ class LayerRunner:
             ids, am = ids[:, prefix:], am[:, : width - prefix]
         pos = positions_from_mask(am) + prefix
         h = lm.embed_tokens(ids)
-        cos, sin = lm.rotary_emb(h, position_ids=pos)
+        if prefix:
+            # One rotary call over prefix and rows: a dynamic rope rescales by the largest
+            # position it is given, as it does once over the whole prompt in the HF forward.
+            cos, sin = lm.rotary_emb(h, position_ids=torch.cat([p_pos.expand(b, -1), pos], 1))
+            p_rope = (cos[:1, :prefix], sin[:1, :prefix])
+            cos, sin = cos[:, prefix:], sin[:, prefix:]
+        else:
+            cos, sin = lm.rotary_emb(h, position_ids=pos)
         mask = attention_mask_4d(am, prefix, self.kernel, h.dtype)
         rows = torch.arange(b, device=dev)  # the caller's index of each row of h
         waiting = None  # compact=False: which rows of h are still visited

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gcnee.llm.batch import positions_from_mask
+from gcnee.llm.batch import check_left_padded, positions_from_mask
 
 # Shorter shared prefixes are not worth the second (small) forward's fixed cost.
 MIN_PREFIX_TOKENS = 16
@@ -70,10 +70,14 @@ def last_hidden_with_shared_prefix(decoder: torch.nn.Module, input_ids: torch.Te
     """The decoder's final-norm output at the last position (B, hidden), with the first
     ``prefix`` real tokens of every row (identical: :func:`shared_prefix_length`) run once.
 
-    ``decoder`` is the bare decoder stack of a Llama-style model (``model.model``: embeddings,
-    layers, final norm) that accepts a key/value cache. Position ids count real tokens only, as
-    in the unshared forward, so the result equals it up to float rounding.
+    ``decoder`` is the bare decoder stack of a Llama, Mistral, Qwen2 or Qwen3 model
+    (``model.model``: embeddings, layers, final norm) that accepts a key/value cache; a
+    sliding-window layer is exact while the prompt fits its window (checked at load by
+    :func:`gcnee.llm.runner.check_architecture`). Position ids count real tokens only, as in the
+    unshared forward, so the result equals it up to float rounding. Raises ``ValueError`` unless
+    ``attention_mask`` is contiguous left padding.
     """
+    check_left_padded(attention_mask)
     batch, width = input_ids.shape
     start = width - int(attention_mask[0].sum())
     kwarg = _cache_kwarg(decoder)

@@ -14,7 +14,7 @@ from tiny import make_tiny_llama
 PREFIX = list(range(10, 30))  # 20 shared tokens: above the 16-token sharing minimum
 
 
-def _requests(n: int = 5, seed: int = 0) -> list[list[int]]:
+def prompts(n: int = 5, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = [3, 9, 1, 14, 6, 11, 2][:n]
     return [PREFIX + torch.randint(7, 60, (k,), generator=g).tolist() for k in lengths]
@@ -26,8 +26,9 @@ def _model(kernel: str, layers: int = 4):
     return model
 
 
-def _hf_hidden(model, seq: list[int]) -> list[torch.Tensor]:
-    """hidden_states of one prompt alone (no padding): the reference."""
+def hf_last_states(model, seq: list[int]) -> list[torch.Tensor]:
+    """``hidden_states[l][0, -1]`` for every ``l`` of one prompt alone (no padding): the
+    reference the runner's states are checked against (also in test_runner_arch.py)."""
     ids = torch.tensor([seq])
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -38,7 +39,7 @@ def _hf_hidden(model, seq: list[int]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("share", [False, True])
 def test_answer_logits_equal_the_hf_forward_on_a_padded_batch(kernel, share):
     model = _model(kernel)
-    reqs = _requests()
+    reqs = prompts()
     ids, am = left_pad(reqs, pad_id=0)
     runner = LayerRunner(model, share_prefix=share)
     answer = torch.tensor([5, 9])
@@ -58,12 +59,12 @@ def test_answer_logits_equal_the_hf_forward_on_a_padded_batch(kernel, share):
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_states_with_and_without_prefix_equal_each_prompt_alone(kernel):
     model = _model(kernel)
-    reqs = _requests()
+    reqs = prompts()
     ids, am = left_pad(reqs, pad_id=0)
     for share in (False, True):
         states = LayerRunner(model, share_prefix=share).states(ids, am, [1, 2, 3, 4])
         for r, seq in enumerate(reqs):
-            alone = _hf_hidden(model, seq)
+            alone = hf_last_states(model, seq)
             for layer in (1, 2, 3):  # hidden_states[N] has the final norm applied
                 assert torch.allclose(states[layer][r], alone[layer], atol=1e-5), (share, r)
 
@@ -71,7 +72,7 @@ def test_states_with_and_without_prefix_equal_each_prompt_alone(kernel):
 @pytest.mark.parametrize("compact", [True, False])
 def test_rows_leaving_at_different_layers_with_a_shared_prefix(compact):
     model = _model("eager", layers=6)
-    reqs = _requests(7)
+    reqs = prompts(7)
     ids, am = left_pad(reqs, pad_id=0)
     leave_at = {0: 2, 1: 4, 2: 2, 3: 6, 4: 4, 5: 6, 6: 2}  # row -> layer
     runner = LayerRunner(model, share_prefix=True)
