@@ -42,6 +42,7 @@ the script (``tests/bench/test_gpu_check.py``). Output: ``<out>/gpu_check.json``
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -342,6 +343,8 @@ def part_lora_nf4(check: Check) -> dict[str, Any]:
 
     from gcnee.llm.backbone import prepare_for_kbit
 
+    check.model = None  # the bf16 model's 13.5 GB would count in this part's peak
+    gc.collect()
     _reset_peak()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(check.folder, **_load_kwargs(check, "nf4"))
