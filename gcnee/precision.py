@@ -1,5 +1,5 @@
-"""Mixed precision: the autocast dtype of ``trainer.precision``, whether the CPU has native
-bf16, and the numerics that must not follow autocast."""
+"""Numerics that must not follow autocast, and whether the CPU has native bf16 (the autocast of
+``trainer.precision`` is :func:`gcnee.llm.load_plan.autocast_of`)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,6 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor,
     """
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-
-
-def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
-    """The autocast dtype Lightning uses for ``trainer.precision`` (None: no autocast).
-
-    Code that scores outside Lightning's loops (exit sweeps, ``gcnee predict``, benches) wraps
-    its forwards in the same autocast, so its speed and scores match the stage's own.
-    """
-    p = str(precision)
-    if p in ("bf16-mixed", "bf16"):
-        return torch.bfloat16
-    if p in ("16-mixed", "16"):
-        return torch.float16
-    return None
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:

@@ -52,8 +52,7 @@ REPORT_ONLY_KEYS = ("eval.ablations", "eval.ablation_ks")
 OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "data": ((MARKER, "the 'data' stage has not finished"),),
     "retriever": ((MARKER, "the 'retriever' stage has not finished"),),
-    "llm": ((MARKER, "the 'llm' stage has not finished"),
-            ("merged/config.json", "the llm stage's merged tuned model")),
+    "llm": ((MARKER, "the 'llm' stage has not finished"),),
     "exits": ((MARKER, "the 'exits' stage has not finished"),
               ("heads.pt", "the exit stage's trained heads (or use --full-depth)")),
 }
@@ -70,11 +69,25 @@ def missing_outputs(folder: Path, stages: list[str]) -> list[str]:
     """``"<path> (<what>): --stages <s>"`` for every output of ``stages`` absent in ``folder``."""
     out = []
     for stage in stages:
-        for rel, what in OUTPUTS[stage]:
+        wanted = list(OUTPUTS[stage])
+        if stage == "llm":  # what serves the tuned model
+            wanted.append(("merged/config.json", "the llm stage's merged tuned model")
+                          if _trained_quantization(folder) is None else
+                          ("adapter/adapter_config.json", "the LoRA adapter of the quantized run"))
+        for rel, what in wanted:
             path = folder / stage / rel
             if not path.exists():
                 out.append(f"{path} not found ({what}): --stages {WRITTEN_BY[stage]}")
     return out
+
+
+def _trained_quantization(folder: Path) -> str | None:
+    """``llm.quantization`` the run's llm stage trained with (its saved ``config.yaml``): a
+    quantized run serves its adapter on the quantized base and has no ``merged/`` copy."""
+    saved = folder / "llm" / "config.yaml"
+    if not saved.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(saved), "llm.quantization")
 
 
 def check_run(folder: Path, stages: list[str]) -> None:
@@ -206,9 +219,14 @@ class TrainedRun:
         self._scorer = None
 
     @classmethod
-    def open(cls, cfg: DictConfig, *, full_depth: bool = False, tables: bool = True
-             ) -> TrainedRun:
-        """Read the run of ``cfg`` (``run.checkpoints_dir``/``run.name``) from disk, on the CPU.
+    def open(cls, cfg: DictConfig, *, full_depth: bool = False, tables: bool = True,
+             device: Any = None) -> TrainedRun:
+        """Read the run of ``cfg`` (``run.checkpoints_dir``/``run.name``) from disk.
+
+        The model is loaded as :func:`gcnee.llm.load_plan.plan_of` says: in its dtype, on the CPU,
+        or straight onto ``device`` (default: this rank's GPU when ``trainer.accelerator`` asks
+        for one) where it must be placed at load time (CUDA, or a quantized model);
+        :meth:`place` moves the rest.
 
         ``full_depth``: the exit stage is not needed (the model's own head answers).
         ``tables``: also load the data stage's tables and the similar users (what requests
@@ -223,8 +241,9 @@ class TrainedRun:
         _warn_outdated(run_cfg, stages)
         from gcnee.exits.heads import ExitHeads, load_calibration, load_heads
         from gcnee.llm.backbone import answer_token_ids, load_tuned
+        from gcnee.llm.load_plan import plan_of
 
-        model, tokenizer = load_tuned(folder / "llm", run_cfg)
+        model, tokenizer = load_tuned(folder / "llm", run_cfg, plan_of(run_cfg, device))
 
         answer_ids = answer_token_ids(tokenizer, list(run_cfg.llm.answer_words),
                                       run_cfg.llm.use_chat_template)
@@ -251,18 +270,23 @@ class TrainedRun:
     # -- placement -----------------------------------------------------------------------------
 
     def place(self, device: Any = None) -> TrainedRun:
-        """Move the model and heads to ``device`` (default: CUDA when ``trainer.accelerator``
-        asks for it and one is there, else the CPU); returns ``self``."""
-        import torch
+        """Put the model and heads on ``device`` (default: this rank's GPU when
+        ``trainer.accelerator`` asks for one and one is there, else the CPU); returns ``self``.
 
-        from gcnee.training import uses_cuda
-
-        if device is None:
-            device = "cuda" if uses_cuda(self.cfg.trainer.accelerator) else "cpu"
-        device = torch.device(device)
-        self.model.to(device)
-        self.heads.to(device)
+        A model already there is left alone; a quantized model cannot move (bitsandbytes places
+        it at load time: open the run with ``device`` instead) and raises.
+        """
+        plan = self.plan(device)
+        plan.place(self.model)
+        self.heads.to(plan.device)
+        self._scorer = None
         return self
+
+    def plan(self, device: Any = None) -> Any:
+        """The :class:`~gcnee.llm.load_plan.LoadPlan` of this run's settings on ``device``."""
+        from gcnee.llm.load_plan import plan_of
+
+        return plan_of(self.cfg, device)
 
     @property
     def device(self) -> Any:
@@ -276,12 +300,11 @@ class TrainedRun:
         ``eval.rule_reads``."""
         if self._scorer is None:
             from gcnee.exits.scorer import EarlyExitScorer
-            from gcnee.precision import autocast_dtype
 
             self._scorer = EarlyExitScorer(
                 self.model, self.heads, answer_ids=self.answer_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
-                autocast=autocast_dtype(self.cfg.trainer.precision),
+                autocast=self.plan(self.device).autocast,
                 share_prefix=self.cfg.llm.get("share_prefix", "auto"),
                 calibration=self.calibration,
                 rule_reads=str(self.cfg.eval.get("rule_reads", "raw")),

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gcnee import quiet
 from gcnee.distributed import is_global_zero
-from gcnee.precision import autocast_dtype, cpu_has_native_bf16
+from gcnee.precision import cpu_has_native_bf16
 from gcnee.progress import ProgressLogCallback, lines_wanted
 
 
@@ -83,7 +83,7 @@ def _warn_slow_cpu_bf16(trainer: L.Trainer) -> None:
     # configs/ml100k.yaml trains and scores in bf16 on the CPU because this project's CPUs have
     # AVX-512 BF16 (1.6x faster scoring); without it bf16 is emulated and slower than fp32.
     global _warned_bf16
-    if _warned_bf16 or autocast_dtype(trainer.precision) is None:
+    if _warned_bf16 or not str(trainer.precision).startswith("bf16"):
         return
     if trainer.strategy.root_device.type != "cpu" or cpu_has_native_bf16() is not False:
         return

@@ -1,20 +1,12 @@
-"""gcnee.training: autocast dtypes and the warning for bf16 on CPUs that emulate it."""
+"""gcnee.training: the warning for bf16 on CPUs that emulate it."""
 
 import warnings
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 import gcnee.training as training
 from gcnee.config import TrainerConfig
-
-
-def test_autocast_dtype_follows_lightning_precision_names():
-    assert training.autocast_dtype("bf16-mixed") is torch.bfloat16
-    assert training.autocast_dtype("16-mixed") is torch.float16
-    for p in ("32-true", "32", 32, "bf16-true", None):
-        assert training.autocast_dtype(p) is None
 
 
 def test_cpu_bf16_flags(tmp_path):

@@ -183,7 +183,7 @@ def bench_scoring(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]
     from gcnee.bench.early_exit import bench_dir
     from gcnee.bench.inputs import eval_requests, open_run
     from gcnee.bench.report import load_average, machine_info
-    from gcnee.precision import autocast_dtype
+    from gcnee.llm.load_plan import autocast_of
     from gcnee.stages import write_json
 
     out = Path(out_dir) if out_dir is not None else bench_dir(cfg)
@@ -195,7 +195,7 @@ def bench_scoring(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]
     result = {"machine": machine_info(), "run": run.name}
     result.update(bench_scoring_paths(run.model, requests, bs, yes_id, no_id,
                                       int(run.tokenizer.pad_token_id), int(cfg.bench.repeats),
-                                      autocast=autocast_dtype(run.cfg.trainer.precision),
+                                      autocast=autocast_of(run.cfg.trainer.precision),
                                       share_prefix=run.cfg.llm.get("share_prefix", "auto")))
     result["load_average_end"] = load_average()
     write_json(out / "scoring.json", result)

@@ -74,10 +74,10 @@ def lora_variants(cfg: Any) -> list[tuple[str, dict[str, Any]]]:
     """The LoRA step as configured, then with prefix sharing flipped and with the other
     attention kernel: ``[(row label suffix, llm.* changes)]`` (ratios measured in one run)."""
     from gcnee.llm.backbone import attn_implementation
+    from gcnee.llm.load_plan import local_device
     from gcnee.llm.shared_prefix import resolve_share_prefix
-    from gcnee.training import uses_cuda
 
-    device = torch.device("cuda" if uses_cuda(cfg.trainer.accelerator) else "cpu")
+    device = local_device(cfg.trainer.accelerator)
     sharing = resolve_share_prefix(cfg.llm.share_prefix, device)
     attention = attn_implementation(cfg.llm.attention, cfg.trainer.accelerator) or "sdpa"
     other = "sdpa" if attention == "eager" else "eager"
@@ -96,6 +96,7 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     from gcnee.exits.heads import ExitHeads
     from gcnee.exits.module import ExitHeadsModule
     from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
+    from gcnee.llm.load_plan import plan_of
     from gcnee.llm.module import CTRLLMModule
     from gcnee.stages import write_json
 
@@ -110,8 +111,7 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
 
     for label, change in lora_variants(cfg):
         llm_cfg = OmegaConf.merge(cfg.llm, change)
-        model, tokenizer = load_backbone(llm_cfg, cfg.run.checkpoints_dir,
-                                         accelerator=cfg.trainer.accelerator)
+        model, tokenizer = load_backbone(llm_cfg, cfg.run.checkpoints_dir, plan=plan_of(cfg))
         if cfg.llm.quantization is not None:
             model = prepare_for_kbit(model)
         yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),

@@ -54,7 +54,10 @@ def validate_exit_layers(layers: Sequence[int], num_layers: int) -> list[int]:
 
 
 def _backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
-    """(final norm, lm_head, num_hidden_layers) of a Llama-style causal LM."""
+    """(final norm, lm_head, num_hidden_layers) of a Llama-style causal LM (peft-wrapped or
+    not: a quantized run serves its adapter unmerged)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     inner = getattr(model, "model", None)
     norm = getattr(inner, "norm", None)
     lm_head = getattr(model, "lm_head", None)
@@ -112,13 +115,15 @@ class ExitHeads(nn.Module):
         for layer in self.layers:
             key = str(layer)
             own = layer == num_layers
-            n = copy.deepcopy(norm)
+            # float32 whatever the backbone's dtype (bf16 on CUDA): the heads are trained, and
+            # their few parameters cost nothing in float32.
+            n = copy.deepcopy(norm).float()
             if not own and init == "random":
                 _reset_norm(n)
             rows = ids if (own or head == "answer") else None
             out = 2 if rows is not None else self.vocab_size
             p = nn.Linear(self.hidden_size, out, bias=b is not None,
-                          device=w.device, dtype=w.dtype)
+                          device=w.device, dtype=torch.float32)
             with torch.no_grad():
                 if own or init == "copy":
                     p.weight.copy_(w if rows is None else w[rows])

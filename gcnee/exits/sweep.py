@@ -388,12 +388,12 @@ class ThresholdSweepCallback(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from gcnee.exits.sweep_output import format_sweep, write_sweep
-        from gcnee.precision import autocast_dtype
+        from gcnee.llm.load_plan import autocast_of
 
         if not trainer.is_global_zero:
             return
         scorer = EarlyExitScorer(pl_module.backbone, pl_module.heads,
-                                 autocast=autocast_dtype(trainer.precision),
+                                 autocast=autocast_of(trainer.precision),
                                  share_prefix=self.share_prefix,
                                  max_length=pl_module.runner.max_length)
         layers = pl_module.heads.layers

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from gcnee.config import ConfigError
+from gcnee.llm.load_plan import QUANTIZATIONS, LoadPlan, load_plan
 from gcnee.llm.prompts import PLAIN_ANSWER_SEP, answer_prefix_text, tokenize
 from gcnee.stages import StageError
 
@@ -44,7 +45,6 @@ DEFAULT_MODELS: dict[str, dict[str, str]] = {
     },
 }
 FETCH_MARKER = "_FETCHED.json"  # written last: a folder holding it is a complete conversion
-QUANTIZATIONS = (None, "nf4", "int8")
 
 
 class ModelFetchError(StageError):
@@ -249,22 +249,6 @@ def resolve_model(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints"
     return model
 
 
-def _bnb_config(quantization: str, compute_dtype: torch.dtype | None) -> Any:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError(f"llm.quantization={quantization} needs bitsandbytes: "
-                          f"pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype or torch.float32,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
@@ -293,22 +277,28 @@ def attention_kwargs(setting: str | None, accelerator: str = "auto") -> dict[str
 
 
 def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
-                  torch_dtype: torch.dtype | None = None, device_map: Any = None,
-                  accelerator: str = "auto", attention: str | None = None
+                  plan: LoadPlan | None = None, attention: str | None = None
                   ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``llm.model``, optionally 4/8-bit quantized, with the
-    attention kernel of ``attention`` if given, else of ``llm.attention``
-    (:func:`attn_implementation`).
+    """``(model, tokenizer)`` for ``llm.model``, loaded as ``plan`` says (dtype, device map,
+    4/8-bit quantization; :mod:`gcnee.llm.load_plan`; None: float32 on the CPU, quantized as
+    ``llm.quantization`` says), with the attention kernel of ``attention`` if given, else of
+    ``llm.attention`` (:func:`attn_implementation`).
 
-    ``torch_dtype`` None keeps the checkpoint's dtype (GGUF: float32). The tokenizer pads on the
-    left (the answer is read at the last position) and pads with EOS when it has no pad token.
-    A GGUF model to be quantized is converted once into ``<checkpoints_dir>/base/gguf-...``
-    first, because bitsandbytes quantizes while loading a regular checkpoint.
+    The tokenizer pads on the left (the answer is read at the last position) and pads with EOS
+    when it has no pad token. A GGUF model to be quantized is converted once into
+    ``<checkpoints_dir>/base/gguf-...`` first, because bitsandbytes quantizes while loading a
+    regular checkpoint.
     """
     quantization = llm_cfg.quantization
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"llm.quantization must be null, nf4 or int8, got {quantization!r}")
-    attn = attention_kwargs(attention or llm_cfg.get("attention"), accelerator)
+    if plan is None:
+        plan = load_plan("32-true", quantization, device="cpu")
+    if plan.quantization != quantization:
+        raise ValueError(f"the load plan quantizes {plan.quantization}, llm.quantization is "
+                         f"{quantization}")
+    attn = attention_kwargs(attention or llm_cfg.get("attention"),
+                            "cpu" if plan.device.type == "cpu" else "gpu")
     source = resolve_model(llm_cfg, checkpoints_dir)
     if isinstance(source, tuple) and quantization is not None:
         gguf_path = Path(*source).resolve()
@@ -317,19 +307,13 @@ def load_backbone(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints", *,
         _log(f"converting {gguf_path.name} once into {folder} for {quantization} loading")
         source = str(convert_gguf(gguf_path, folder))
     if isinstance(source, tuple):
-        model, tokenizer = _load_gguf(Path(*source), torch_dtype, device_map, attn)
+        model, tokenizer = _load_gguf(Path(*source), plan.dtype, plan.device_map, attn)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs: dict[str, Any] = dict(attn)
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        if quantization is not None:
-            kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **plan.from_pretrained_kwargs(),
+                                                     **attn)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -409,16 +393,44 @@ def answer_token_ids(tokenizer: Any, answer_words: list[str], use_chat_template:
     return ids[0], ids[1]
 
 
-def load_tuned(llm_dir: str | Path, cfg: Any = None) -> tuple[Any, Any]:
-    """The merged tuned model (float32, on the CPU, eval mode) and its tokenizer (left padding)
-    from the llm stage folder (``<llm_dir>/merged``), with the attention kernel of
-    ``cfg.llm.attention`` (None: ``auto``)."""
+def load_tuned(llm_dir: str | Path, cfg: Any = None, plan: LoadPlan | None = None
+               ) -> tuple[Any, Any]:
+    """The tuned model of an llm stage folder (eval mode) and its tokenizer (left padding),
+    loaded as ``plan`` says (default: :func:`gcnee.llm.load_plan.plan_of` ``cfg``; without
+    ``cfg``: float32 on the CPU), with the attention kernel of ``cfg.llm.attention``.
+
+    Not quantized: ``<llm_dir>/merged`` (LoRA merged into the base). Quantized
+    (``llm.quantization``): the base model quantized the same way with ``<llm_dir>/adapter`` on
+    top, unmerged and prepared as in training: the very function whose states the llm stage
+    recorded and the exit heads were trained on (merging would re-quantize the weights).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    attn = (attention_kwargs(None) if cfg is None
-            else attention_kwargs(cfg.llm.attention, cfg.trainer.accelerator))
+    if plan is None:
+        from gcnee.llm.load_plan import plan_of
+
+        plan = plan_of(cfg) if cfg is not None else load_plan("32-true", device="cpu")
+    device_kind = "cpu" if plan.device.type == "cpu" else "gpu"
+    attn = attention_kwargs(None if cfg is None else cfg.llm.attention, device_kind)
+    if plan.quantization is not None:
+        if cfg is None:
+            raise ValueError("a quantized run is loaded from its base model: pass its config")
+        from peft import PeftModel
+
+        adapter = Path(llm_dir) / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise StageError(f"{adapter} has no adapter_config.json: rerun the llm stage "
+                             "(--stages llm)")
+        base, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, plan=plan)
+        model = PeftModel.from_pretrained(prepare_for_kbit(base, gradient_checkpointing=False),
+                                          adapter)
+        return model.eval(), tokenizer
     merged = Path(llm_dir) / "merged"
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, **attn).eval()
+    if not (merged / "config.json").is_file():
+        raise StageError(f"{merged} not found (the llm stage's merged tuned model): rerun the "
+                         "llm stage (--stages llm)")
+    model = AutoModelForCausalLM.from_pretrained(merged, **plan.from_pretrained_kwargs(),
+                                                 **attn).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -55,6 +55,7 @@ def bench_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """GCN vs LLM retriever seconds per user on the same users; prints and saves JSON."""
     import gcnee.pipeline  # noqa: F401  (registers the stages)
     from gcnee.llm.backbone import load_backbone
+    from gcnee.llm.load_plan import plan_of
     from gcnee.retrieval.llm_retriever import embed_texts, user_history_texts
     from gcnee.stages import run_stage
 
@@ -81,7 +82,8 @@ def bench_retrieval(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     # SDPA, whatever llm.attention says: user texts run to retriever.llm_max_length (512)
     # tokens, where it is 1.3x faster than eager on CPU (eager wins on ~130-token CTR prompts).
-    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, attention="sdpa")
+    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, plan=plan_of(cfg),
+                                     attention="sdpa")
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     g = data.graph

@@ -93,12 +93,14 @@ def _run_gcn(ctx: StageContext, graph: BipartiteGraph, held: HeldOut) -> tuple[S
 def _run_llm(ctx: StageContext, data: PreparedData, graph: BipartiteGraph
              ) -> tuple[SimilarUsers, dict]:
     from gcnee.llm.backbone import load_backbone
+    from gcnee.llm.load_plan import plan_of
     from gcnee.retrieval.llm_retriever import embed_texts, user_history_texts
 
     cfg, rc = ctx.cfg, ctx.cfg.retriever
     # SDPA, whatever llm.attention says: user texts run to retriever.llm_max_length (512)
     # tokens, where it is 1.3x faster than eager on CPU (eager wins on ~130-token CTR prompts).
-    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, attention="sdpa")
+    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, plan=plan_of(cfg),
+                                     attention="sdpa")
     g = data.graph
     start = time.perf_counter()
     texts = user_history_texts(graph.user_ids.tolist(), g.user, g.item, g.rating, g.timestamp,
