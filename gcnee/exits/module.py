@@ -90,6 +90,9 @@ class ExitHeadsModule(L.LightningModule):
         self.strict_loading = False
         self.cache = bool(cache)
         self.states: dict[int, dict[int, torch.Tensor]] = {}  # sample_id -> layer -> (hidden,)
+        # States recorded on disk (gcnee.llm.states.RecordedStates, memory-mapped): batches
+        # of their samples read only their own rows, so no rank holds a split's states.
+        self.stores: list[Any] = []
         self.backbone_batches = 0  # batches that ran the backbone (the rest came from states)
         # Every head's raw P(yes) per sample of the last validation / test loop.
         self.val_probs: dict[int, torch.Tensor] = {}
@@ -112,17 +115,28 @@ class ExitHeadsModule(L.LightningModule):
             for j, layer in enumerate(layers):
                 cached[int(layer)] = states[row, j]
 
+    def add_state_store(self, store: Any) -> None:
+        """Read the states of ``store``'s samples from it (a
+        :class:`gcnee.llm.states.RecordedStates`: ``rows(ids, layers)`` -> ``(B, len(layers),
+        hidden)`` or None) instead of running the backbone; rows are read per batch."""
+        self.stores.append(store)
+
     def hidden(self, batch: dict[str, torch.Tensor], layers: list[int]) -> dict[int, torch.Tensor]:
         """Last-position hidden states ``{layer: (B, hidden)}`` from the frozen backbone.
 
-        The backbone never changes, so each sample's states are computed once (``cache``) or
-        taken from :meth:`add_states` (the llm stage's evaluation pass over the same prompts).
+        The backbone never changes, so each sample's states are computed once (``cache``),
+        taken from :meth:`add_states` or read from a store (:meth:`add_state_store`: the llm
+        stage's evaluation pass over the same prompts).
         """
         ids = batch["sample_id"].tolist() if "sample_id" in batch else None
+        dev = batch["input_ids"].device
         if ids is not None and all(all(x in self.states.get(s, ()) for x in layers)
                                    for s in ids):
-            dev = batch["input_ids"].device
             return {x: torch.stack([self.states[s][x] for s in ids]).to(dev) for x in layers}
+        for store in self.stores if ids is not None else ():
+            rows = store.rows(ids, layers)
+            if rows is not None:
+                return {x: rows[:, j].to(dev) for j, x in enumerate(layers)}
         out = self.runner.states(batch["input_ids"], batch["attention_mask"], layers)
         out = {x: h.contiguous() for x, h in out.items()}  # not views: frees the full states
         if ids is not None and self.cache:

@@ -39,6 +39,7 @@ from gcnee.llm.shared_prefix import (
     resolve_share_prefix,
     shared_prefix_length,
 )
+from gcnee.llm.states import ShardWriter
 from gcnee.precision import float32_linear
 
 LOSSES = ("vocab", "binary")
@@ -152,10 +153,15 @@ class CTRLLMModule(L.LightningModule):
         self.eval_logloss = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self._outputs: dict[str, list[tuple]] = {"val": [], "test": []}
         self.results: dict[str, dict[str, np.ndarray]] = {}
-        # Decoder layers whose last-position outputs evaluation records (``results[split]
-        # ["hidden"]``, (n, len(record_layers), hidden)): the exit stage trains and evaluates
-        # its heads on them instead of running the backbone over the same prompts again.
+        # Decoder layers whose last-position outputs evaluation records ((n, len(record_layers),
+        # hidden) per split, see record_dir): the exit stage trains and evaluates its heads on
+        # them instead of running the backbone over the same prompts again.
         self.record_layers: list[int] = []
+        # Where each rank writes its recorded states while evaluation runs (gcnee.llm.states:
+        # one shard per rank and split, merged by the llm stage); None keeps them in this
+        # process as ``results[split]["hidden"]`` (one process only). Never gathered.
+        self.record_dir: Path | None = None
+        self._recorders: dict[str, ShardWriter | list[tuple]] = {}
 
     # ---- scoring --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -234,10 +240,30 @@ class CTRLLMModule(L.LightningModule):
         self.eval_logloss[split].update(
             F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), labels.float(),
                                    reduction="none"))
-        hidden = (torch.stack([seen[x] for x in self.record_layers], dim=1).float().cpu().numpy()
-                  if self.record_layers else None)
-        self._outputs[split].append((batch["sample_id"].cpu().numpy(),
-                                     probs.float().cpu().numpy(), labels.cpu().numpy(), hidden))
+        ids = batch["sample_id"].cpu().numpy()
+        if self.record_layers:
+            hidden = torch.stack([seen[x] for x in self.record_layers], dim=1).float().cpu()
+            if split not in self._recorders:
+                self._start_recording(split)
+            rec = self._recorders[split]
+            if isinstance(rec, ShardWriter):
+                rec.add(ids, hidden.numpy())
+            else:
+                rec.append((ids, hidden.numpy()))
+        # Only these small per-sample arrays are gathered across ranks at the loop's end.
+        self._outputs[split].append((ids, probs.float().cpu().numpy(), labels.cpu().numpy()))
+
+    def _start_recording(self, split: str) -> None:
+        self._recorders.pop(split, None)
+        if self.record_layers:
+            self._recorders[split] = (ShardWriter(self.record_dir, split, self.global_rank)
+                                      if self.record_dir is not None else [])
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_recording("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_recording("test")
 
     def _merge_lora(self, merge: bool) -> None:
         # Evaluation runs on the merged weights W + s·BA: the unmerged adapter path adds two
@@ -279,9 +305,17 @@ class CTRLLMModule(L.LightningModule):
         self.log_dict({f"{self.tag}/{split}_auc": values["auc"].float(),
                        f"{self.tag}/{split}_accuracy": values["accuracy"].float(),
                        f"{self.tag}/{split}_log_loss": logloss.float()}, sync_dist=False)
+        if self.record_layers and split not in self._recorders:
+            self._start_recording(split)  # a loop run without its epoch-start hook
+        rec = self._recorders.pop(split, None)
+        if isinstance(rec, ShardWriter):
+            # Closed before the gather below: once that collective returns, every rank's
+            # shard is complete and rank 0 may merge them.
+            rec.close()
         local = self._outputs[split]
         self._outputs[split] = []
-        parts = [p for rank in all_gather_objects(local) for p in rank]
+        gathered = all_gather_objects(local)
+        parts = [p for rank in gathered for p in rank]
         if parts:
             ids, scores, labels = (np.concatenate([p[i] for p in parts]) for i in range(3))
         else:
@@ -289,8 +323,11 @@ class CTRLLMModule(L.LightningModule):
         ids, first = np.unique(ids, return_index=True)  # sorted; no duplicates expected
         self.results[split] = {"sample_id": ids, "score": scores[first],
                                "label": labels[first]}
-        if self.record_layers and parts:
-            self.results[split]["hidden"] = np.concatenate([p[3] for p in parts])[first]
+        if isinstance(rec, list) and rec:
+            if len(gathered) > 1:
+                raise RuntimeError("recording states under DDP needs CTRLLMModule.record_dir "
+                                   "(each rank writes its own shard)")
+            self.results[split]["hidden"] = np.concatenate([h for _, h in rec])[first]
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")

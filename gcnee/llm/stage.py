@@ -65,8 +65,9 @@ def _device_map(cfg: DictConfig) -> Any:
     return None
 
 
-# The tuned model's last-position decoder outputs at the exit layers, per evaluation sample.
-HIDDEN = "hidden_{split}.pt"
+# Where every rank writes its shard of the recorded states during the tuned evaluation (in the
+# stage folder, so on the filesystem all nodes share); merged and removed by rank 0.
+STATE_SHARDS = "states.tmp"
 
 
 def exit_layers_to_record(cfg: DictConfig, num_layers: int) -> list[int]:
@@ -75,18 +76,19 @@ def exit_layers_to_record(cfg: DictConfig, num_layers: int) -> list[int]:
     return sorted({int(x) for x in cfg.exits.layers if 1 <= int(x) <= num_layers})
 
 
-def save_hidden(path: Path, results: dict[str, np.ndarray], layers: list[int]) -> None:
-    """``{"sample_ids", "layers", "states" (n, len(layers), hidden) float32}`` for the exit
-    stage (nothing when no layer was recorded)."""
-    import torch
+def save_hidden(out_dir: Path, split: str, shards: Path, layers: list[int],
+                world: int) -> Path | None:
+    """Merge the ``world`` ranks' shards (``shards``) of ``split``'s recorded exit-layer states
+    into ``out_dir/hidden_<split>.{npy,json}`` for the exit stage: ``(n, len(layers), hidden)``
+    float32 in ascending sample-id order, a bounded chunk in memory at a time
+    (:func:`gcnee.llm.states.merge_shards`). With no layer recorded, an earlier run's states are
+    removed, so the exit stage never reads another model's. Returns the index path or None."""
+    from gcnee.llm.states import clear, merge_shards
 
-    from gcnee.stages import atomic_path
-
-    if not layers or "hidden" not in results:
-        return
-    with atomic_path(path) as tmp:
-        torch.save({"sample_ids": [int(s) for s in results["sample_id"]], "layers": list(layers),
-                    "states": torch.from_numpy(np.ascontiguousarray(results["hidden"]))}, tmp)
+    if not layers:
+        clear(out_dir, split)
+        return None
+    return merge_shards(shards, split, layers, out_dir, world)
 
 
 def _evaluate(trainer: L.Trainer, module: Any, dm: CTRDataModule) -> dict[str, dict]:
@@ -194,7 +196,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     t0 = time.time()
     module.record_layers = exit_layers_to_record(cfg, module.num_layers)
-    tuned = _evaluate(build_trainer(cfg, fit=False, logger=logger), module, dm)
+    module.record_dir = ctx.out_dir / STATE_SHARDS
+    tuned_trainer = build_trainer(cfg, fit=False, logger=logger)
+    tuned = _evaluate(tuned_trainer, module, dm)
     seconds["tuned_eval"] = time.time() - t0
 
     # Every rank holds all scores (gathered), so every rank returns the same summary; only rank
@@ -204,9 +208,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if zero:
         module.save_adapter(ctx.out_dir / "adapter")
         module.save_merged(ctx.out_dir / "merged", tokenizer)
+        from gcnee.llm.states import remove_shards
+
         for split in EVAL_SPLITS:
-            save_hidden(ctx.out_dir / HIDDEN.format(split=split), module.results[split],
-                        module.record_layers)
+            save_hidden(ctx.out_dir, split, module.record_dir, module.record_layers,
+                        int(tuned_trainer.world_size))
+        remove_shards(module.record_dir)
     seconds["export"] = time.time() - t0
     prepared = PreparedData.load(data_dir)
     metrics: dict[str, dict[str, dict[str, float]]] = {}
