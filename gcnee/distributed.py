@@ -10,8 +10,14 @@ Two ways to launch (README, "Multi-GPU and multi-node"):
 Stages are either *distributed* (every rank runs them; Lightning synchronises the training and
 ``CTRDataModule`` shards evaluation) or *single-process* (data preparation, LightGCN training and
 the similar-user search, the baselines): rank 0 runs those while the other ranks wait for the
-stage's completion marker. Rank 0 alone writes stage files. Ranks on several nodes must therefore
-see the same ``run.checkpoints_dir`` (a shared filesystem, as on most clusters).
+stage's completion marker. Rank 0 alone writes stage files (each rank writes only its own shard
+of the llm stage's recorded states, :mod:`gcnee.llm.states`, which rank 0 merges). Ranks on
+several nodes must therefore see the same ``run.checkpoints_dir`` (a shared filesystem, as on
+most clusters).
+
+``gcnee predict ... trainer.strategy=ddp`` starts or joins its processes with the same launch
+semantics through Lightning Fabric (:func:`launch_processes`); each rank writes its share of the
+records to a part file that rank 0 merges in line order (:func:`merge_rank_parts`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # Environment variables by which Lightning recognises a launcher (torchrun, SLURM, its own).
@@ -109,3 +116,66 @@ def all_gather_objects(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def wants_processes(trainer_cfg: Any) -> bool:
+    """Whether a scoring command (``gcnee predict``) runs as several processes: when
+    ``trainer.strategy`` names DDP (``ddp``, ``ddp_spawn``, ...; with ``trainer.devices`` and
+    ``trainer.num_nodes`` saying how many), as ``gcnee fit`` does."""
+    return str(trainer_cfg.get("strategy", "auto")).startswith("ddp")
+
+
+def launch_processes(trainer_cfg: Any) -> Any:
+    """Start or join the processes of ``trainer_cfg`` (``cfg.trainer``) and return a started
+    ``lightning.fabric.Fabric``: ``global_rank``, ``world_size``, ``device`` (this rank's local
+    device: ``cuda:<LOCAL_RANK>`` on GPU nodes, the CPU otherwise), ``barrier()``.
+
+    The launch semantics are ``gcnee fit``'s (module docstring): on one node the first process
+    re-runs the same command for ranks 1..N-1; under ``torchrun`` or SLURM every rank already
+    runs it and joins. The process group is gloo on the CPU, nccl on CUDA. Precision stays
+    with the caller (the scorer's autocast), so Fabric is built with ``32-true``.
+    """
+    from lightning.fabric import Fabric
+
+    strategy = str(trainer_cfg.get("strategy", "ddp"))
+    if strategy == "ddp_spawn":  # a spawned function would not return the caller's objects
+        strategy = "ddp"
+    fabric = Fabric(accelerator=str(trainer_cfg.get("accelerator", "auto")),
+                    devices=trainer_cfg.get("devices", 1),
+                    num_nodes=int(trainer_cfg.get("num_nodes", 1)), strategy=strategy,
+                    precision="32-true")
+    fabric.launch()
+    return fabric
+
+
+def end_processes() -> None:
+    """Tear down the process group that :func:`launch_processes` started (if any)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_part(path: str | os.PathLike, rank: int) -> Path:
+    """The file beside ``path`` where rank ``rank`` writes its part of ``path``'s records."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.rank{int(rank)}.part")
+
+
+def merge_rank_parts(parts: list[Path], out: Any) -> int:
+    """Write the records of ``parts`` to the open text file ``out`` in key order; returns the
+    count. Each part holds lines ``<int key>\\t<record>`` in increasing key order (one rank's
+    share of the records); the merge streams them (one line per part in memory)."""
+    import heapq
+
+    def lines(path: Path) -> Iterator[tuple[int, str]]:
+        with open(path, encoding="utf-8") as f:
+            for text in f:
+                key, rec = text.split("\t", 1)
+                yield int(key), rec
+
+    count = 0
+    for _, rec in heapq.merge(*(lines(p) for p in parts), key=lambda kv: kv[0]):
+        out.write(rec)
+        count += 1
+    return count

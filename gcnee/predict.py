@@ -212,6 +212,11 @@ class Predictor:
 
     def predict_lines(self, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         """Output records for input lines, in order, batched by ``eval.batch_size``."""
+        return self.predict_numbered(enumerate(lines, start=1))
+
+    def predict_numbered(self, lines: Iterable[tuple[int, str]]) -> Iterator[dict[str, Any]]:
+        """Output records for ``(line number, text)`` pairs (all of a file's lines, or one
+        rank's share of them), in their order, batched by ``eval.batch_size``."""
         bs = int(self.cfg.eval.batch_size)
         if bs < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {bs}")
@@ -224,7 +229,7 @@ class Predictor:
                 yield done[p.line] if isinstance(p, Request) else p
             pending.clear()
 
-        for n, text in enumerate(lines, start=1):
+        for n, text in lines:
             if not text.strip():
                 continue
             try:
@@ -256,6 +261,10 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     src = Path(input_path)
     if not src.is_file():
         raise FileNotFoundError(f"requests file not found: {src} (--input)")
+    from gcnee.distributed import wants_processes
+
+    if predictor is None and wants_processes(cfg.trainer):
+        return predict_file_ranks(cfg, src, output_path, full_depth)
     pred = predictor if predictor is not None else Predictor.open(cfg, full_depth=full_depth)
     counts = {"scored": 0, "errors": 0}
     start = time.perf_counter()
@@ -276,4 +285,68 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
                "output": str(output_path)}
     print(f"[gcnee] predict: {counts['scored']} scored, {counts['errors']} error record(s), "
           f"{summary['seconds']} s, {summary['mode']} -> {output_path}", file=sys.stderr)
+    return summary
+
+
+def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str | Path,
+                       full_depth: bool = False) -> dict[str, Any]:
+    """:func:`predict_file` on the processes of ``trainer.strategy=ddp`` (``trainer.devices``,
+    ``trainer.num_nodes``; :func:`gcnee.distributed.launch_processes`), one output in input
+    order.
+
+    Every rank reads the input and takes every ``world``-th non-blank line (line k of them to
+    rank ``k % world``), malformed ones included: their error records are made where the line
+    is. It scores its share on its local device in batches of ``eval.batch_size`` and writes
+    its records to a part file beside the output; after a barrier rank 0 merges the parts by
+    line number into the output (streamed) and removes them. ``latency_ms`` is per rank's
+    batch; the summary's ``seconds`` is rank 0's wall time to the merged output.
+    """
+    from gcnee.distributed import (
+        all_gather_objects,
+        end_processes,
+        launch_processes,
+        merge_rank_parts,
+        rank_part,
+    )
+    from gcnee.progress import lines_wanted, progress
+    from gcnee.stages import atomic_path
+
+    fabric = launch_processes(cfg.trainer)
+    rank, world = int(fabric.global_rank), int(fabric.world_size)
+    try:
+        start = time.perf_counter()
+        pred = Predictor(TrainedRun.open(cfg, full_depth=full_depth).place(fabric.device))
+        part = rank_part(output_path, rank)
+        Path(part).parent.mkdir(parents=True, exist_ok=True)
+        counts = {"scored": 0, "errors": 0}
+        with open(input_path, encoding="utf-8") as fin, open(part, "w", encoding="utf-8") as f:
+            lines = progress(fin, "predict", unit="line") if rank == 0 and lines_wanted() else fin
+            numbered = ((n, t) for n, t in enumerate(lines, start=1) if t.strip())
+            mine = (x for k, x in enumerate(numbered) if k % world == rank)
+            for rec in pred.predict_numbered(mine):
+                counts["errors" if "error" in rec else "scored"] += 1
+                f.write(f"{rec['line']}\t{json.dumps(rec, ensure_ascii=False)}\n")
+        # The gather is also the barrier: every part is complete once it returns.
+        per_rank = all_gather_objects(counts)
+        if rank == 0:
+            parts = [rank_part(output_path, r) for r in range(world)]
+            with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as fout:
+                merge_rank_parts(parts, fout)
+            for p in parts:
+                p.unlink(missing_ok=True)
+        fabric.barrier()
+    finally:
+        end_processes()
+    seconds = time.perf_counter() - start
+    total = {k: sum(c[k] for c in per_rank) for k in ("scored", "errors")}
+    summary = {**total, "seconds": round(seconds, 3), "processes": world,
+               "rps": round(total["scored"] / seconds, 2) if seconds > 0 else None,
+               "mode": "full depth" if pred.full_depth else
+               f"early exit ({pred.cfg.eval.rule}, tau={pred.cfg.eval.threshold}, "
+               f"m={pred.cfg.eval.window})",
+               "output": str(output_path)}
+    if rank == 0:
+        print(f"[gcnee] predict: {total['scored']} scored, {total['errors']} error record(s) "
+              f"on {world} processes, {summary['seconds']} s, {summary['mode']} -> "
+              f"{output_path}", file=sys.stderr)
     return summary
