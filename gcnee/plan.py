@@ -131,6 +131,12 @@ def find_model_config(cfg: Any, model_config: str | Path | None = None) -> tuple
         found = None
     if isinstance(found, str):
         return json.loads(Path(found).read_text()), f"{found} (Hugging Face cache)"
+    from gcnee.preflight import DEFAULT_MODEL_NAMES
+
+    if model in DEFAULT_MODEL_NAMES:
+        raise ConfigError(f"gcnee plan: the default model {model} is not fetched yet (its "
+                          f"config.json goes to {candidates[-1]}): run `gcnee model fetch "
+                          f"{model}` first")
     raise ConfigError(
         f"gcnee plan: no config.json for llm.model={model!r}. Put the model's config.json in a "
         f"folder and set llm.model=<that folder> (a local model folder has one), or pass "

@@ -203,6 +203,15 @@ def test_unknown_model_says_where_to_put_a_config(tmp_path):
     assert "llm.model=<that folder>" in str(err.value) and "--model-config" in str(err.value)
 
 
+def test_default_model_not_fetched_says_how_to_fetch(tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "ml100k.yaml"), [f"run.checkpoints_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="gcnee model fetch smollm2-135m-instruct"):
+        find_model_config(cfg)
+    folder = tmp_path / "base" / "smollm2-135m-instruct"
+    make_tiny_llama(100, num_layers=2).config.save_pretrained(folder)
+    assert find_model_config(cfg)[1] == str(folder / "config.json")
+
+
 def test_cli_prints_the_table(capsys, tmp_path):
     out = tmp_path / "plan.json"
     assert main(["plan", "--config", VIDEOGAMES, "--gpu-memory", "40GB", "--json", str(out),
