@@ -3,9 +3,10 @@
 The backbone never changes: its parameters have ``requires_grad=False`` and it stays in eval mode
 even when Lightning calls ``.train()``. A batch runs the backbone once, without gradient, up to
 the deepest exit layer it needs (not further), and every trainable head is trained on the
-last-position hidden state of its layer. Because the backbone is frozen, those states are kept
-per sample (``cache``): later epochs, and evaluation of samples whose states the llm stage
-recorded (:meth:`ExitHeadsModule.add_states`), do not run the backbone again. The head at the
+last-position hidden state of its layer. Because the backbone is frozen, those states can be
+kept per sample (``cache``, host memory: samples x layers x hidden floats) for later epochs, and
+evaluation of samples whose states the llm stage recorded does not run the backbone again (read
+from disk batch by batch, :meth:`ExitHeadsModule.add_state_store`). The head at the
 model's last layer, when ``exits.layers`` holds it, is the tuned model's own head (frozen, see
 ``heads.py``): it is evaluated, not trained.
 
