@@ -13,7 +13,7 @@ $(BIN)/gcnee: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,serve]'
 	touch $(BIN)/gcnee
 
 venv: $(BIN)/gcnee

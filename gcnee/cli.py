@@ -11,8 +11,15 @@
     gcnee report RUN | gcnee report --config FILE [key=value ...]
     gcnee compare RUN [RUN ...] [--split val|test]
     gcnee predict --config FILE --input REQ.jsonl --output OUT.jsonl [--full-depth] [k=v ...]
+    gcnee serve --config FILE [--host 127.0.0.1] [--port 8000] [key=value ...]
+    gcnee bench serve --config FILE [key=value ...]
     gcnee plan --config FILE [--gpu-memory 80GB] [--samples N] [--model-config FILE] [k=v ...]
     gcnee bench gpu [--tiny] [--out logs/gpu_check] [--budget-s 480] [--parts a,b]
+
+``gcnee serve`` scores requests over HTTP (POST /predict, GET /health, GET /metrics) with dynamic
+batching and early exit (the ``serve`` extra: LitServe; docs/serving.md); ``gcnee bench serve``
+starts it on loopback per variant (full depth, early exit, batch 1) and drives it with open- and
+closed-loop load: ``<logs>/<run>/bench/serve.{json,md,png}``.
 
 ``gcnee plan`` prints what each stage holds in GPU memory, host memory and on disk, from the
 model's ``config.json`` alone, and whether it fits (``gcnee.plan``; docs/scale.md). ``gcnee bench
@@ -99,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("all", "exit, scoring, retrieval and train: all.json + bench.md"),
                        ("precision", "fp32 vs bf16 scoring: speed and agreement (AUC, |dP|)")):
         _add_config_args(bench.add_parser(name, help=text))
+    _add_config_args(bench.add_parser("serve", help="gcnee serve under open/closed-loop load: "
+                                      "p50/p95/p99 and throughput, full depth vs early exit"))
     bscale = bench.add_parser("scale", help="LightGCN epoch + search, synthetic 42k x 17k graph")
     bscale.add_argument("--config", "-c", default=None, help="YAML config (retriever settings)")
     bscale.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -128,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", "-i", required=True, help="requests, one JSON object a line")
     pred.add_argument("--output", "-o", required=True, help="scores, one JSON object a line")
     pred.add_argument("--full-depth", action="store_true", help="no early exit (all layers)")
+    srv = sub.add_parser("serve", help="score requests over HTTP: POST /predict, GET /health, "
+                         "GET /metrics (dynamic batching, early exit)")
+    _add_config_args(srv)
+    srv.add_argument("--host", default=None, help="address to listen on (serve.host: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (serve.port: 8000)")
     plan = sub.add_parser("plan", help="GPU/host/disk memory per stage from the model's "
                           "config.json (no weights), and whether it fits")
     _add_config_args(plan)
@@ -246,6 +260,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _data_preflight(cfg, args.force)
         run_pipeline(cfg, ["data"], force=args.force)
         return 0
+    if args.command == "serve" or (args.command == "bench" and args.what == "serve"):
+        return _serve(args, cfg)  # the HTTP side needs no torch: the model workers import it
     if args.command == "plan":  # bytes from config.json: no pipeline, no model
         from gcnee.plan import format_plan, plan_from_config
 
@@ -312,6 +328,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         predict_file(cfg, args.input, args.output, full_depth=args.full_depth)
         return 0
     raise AssertionError(f"unhandled command {args}")
+
+
+def _serve(args: argparse.Namespace, cfg) -> int:
+    from gcnee.serve import require
+
+    try:
+        require()
+    except ImportError as err:
+        print(f"gcnee: error: {err}", file=sys.stderr)
+        return 1
+    from gcnee.serve.app import ServeError
+
+    try:
+        if args.command == "serve":
+            from gcnee.serve.app import serve
+
+            return serve(cfg, args.host, args.port, verbose=args.verbose)
+        from gcnee.bench.serve import bench_serve
+
+        bench_serve(cfg, command=" ".join(["gcnee", "bench", "serve", "--config", args.config,
+                                           *args.overrides]))
+        return 0
+    except ServeError as err:
+        print(f"gcnee: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _report(args: argparse.Namespace, cfg) -> int:

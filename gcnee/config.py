@@ -285,6 +285,49 @@ class BenchConfig:
 
 
 @dataclass
+class ServeBenchConfig:
+    """``gcnee bench serve`` (gcnee/bench/serve.py): the load driven at each server variant."""
+
+    # Server variants, started one after the other: full (full depth), exit (early exit),
+    # batch1 (early exit, no batching: serve.max_batch_size=1).
+    variants: list[str] = field(default_factory=lambda: ["full", "exit", "batch1"])
+    rates: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # open loop, requests/s
+    concurrency: list[int] = field(default_factory=lambda: [1, 4])  # closed-loop clients
+    # Each load level stops at whichever comes first: this many requests, this many seconds of
+    # sending; then it waits up to drain_s for the answers still out.
+    requests: int = 200
+    seconds: float = 10.0
+    drain_s: float = 30.0
+    p99_ms: float = 1000.0  # target for "sustainable throughput": highest rate with p99 under it
+    samples: int = 256  # distinct test-split requests cycled through (the first n)
+    startup_s: float = 600.0  # how long a variant's server may take to report ready
+    seed: int = 0  # Poisson arrival times
+
+
+@dataclass
+class ServeConfig:
+    """``gcnee serve`` (gcnee/serve/): the HTTP service; the exit rule is ``eval``'s."""
+
+    host: str = "127.0.0.1"  # loopback only unless set (--host)
+    port: int = 8000
+    early_exit: bool = True  # false: full depth, the tuned model's own P(yes)
+    max_batch_size: int = 8  # rows per model batch; 1 = no batching
+    batch_timeout: float = 0.01  # seconds a batch waits to fill (the longest wait to start)
+    queue_limit: int = 256  # rows admitted and not yet answered; more: 503 + Retry-After
+    retry_after_s: int = 1  # the Retry-After header of a 503
+    max_body_bytes: int = 1_000_000  # larger POST bodies: 413
+    max_list: int = 256  # requests in one POST body; more: 413
+    workers: int = 1  # model workers per device (each loads the run)
+    # torch intra-op threads per worker (null: torch's default). On a CPU shared with other
+    # processes, 1 avoids threads waiting for each other at every op (noticed: a 1-row batch of
+    # the tiny model 5-13 ms with 1 thread against ~360 ms with 2 on the loaded 2-core machine).
+    threads: int | None = None
+    timeout: float = 60.0  # seconds a request may wait for a worker before a 504
+    drain_s: float = 30.0  # on SIGTERM: seconds in-flight requests may take to finish
+    bench: ServeBenchConfig = field(default_factory=ServeBenchConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -296,6 +339,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)  # gcnee bench
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # gcnee serve
 
 
 # The trainer settings that can change a training stage's results (progress bars, logging
