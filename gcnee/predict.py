@@ -298,8 +298,10 @@ def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str
     rank ``k % world``), malformed ones included: their error records are made where the line
     is. It scores its share on its local device in batches of ``eval.batch_size`` and writes
     its records to a part file beside the output; after a barrier rank 0 merges the parts by
-    line number into the output (streamed) and removes them. ``latency_ms`` is per rank's
-    batch; the summary's ``seconds`` is rank 0's wall time to the merged output.
+    line number into the output (streamed) and removes them. A rank whose scoring raises still
+    joins the gather, so every rank stops naming it (no rank waits for a dead one).
+    ``latency_ms`` is per rank's batch; the summary's ``seconds`` is rank 0's wall time to the
+    merged output.
     """
     from gcnee.distributed import (
         all_gather_objects,
@@ -313,21 +315,33 @@ def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str
 
     fabric = launch_processes(cfg.trainer)
     rank, world = int(fabric.global_rank), int(fabric.world_size)
+    part = rank_part(output_path, rank)
     try:
         start = time.perf_counter()
-        pred = Predictor(TrainedRun.open(cfg, full_depth=full_depth).place(fabric.device))
-        part = rank_part(output_path, rank)
-        Path(part).parent.mkdir(parents=True, exist_ok=True)
-        counts = {"scored": 0, "errors": 0}
-        with open(input_path, encoding="utf-8") as fin, open(part, "w", encoding="utf-8") as f:
-            lines = progress(fin, "predict", unit="line") if rank == 0 and lines_wanted() else fin
-            numbered = ((n, t) for n, t in enumerate(lines, start=1) if t.strip())
-            mine = (x for k, x in enumerate(numbered) if k % world == rank)
-            for rec in pred.predict_numbered(mine):
-                counts["errors" if "error" in rec else "scored"] += 1
-                f.write(f"{rec['line']}\t{json.dumps(rec, ensure_ascii=False)}\n")
+        counts: dict[str, Any] = {"scored": 0, "errors": 0, "failed": None}
+        failure: Exception | None = None
+        try:
+            pred = Predictor(TrainedRun.open(cfg, full_depth=full_depth).place(fabric.device))
+            part.parent.mkdir(parents=True, exist_ok=True)
+            with open(input_path, encoding="utf-8") as fin, \
+                    open(part, "w", encoding="utf-8") as f:
+                lines = (progress(fin, "predict", unit="line") if rank == 0 and lines_wanted()
+                         else fin)
+                numbered = ((n, t) for n, t in enumerate(lines, start=1) if t.strip())
+                mine = (x for k, x in enumerate(numbered) if k % world == rank)
+                for rec in pred.predict_numbered(mine):
+                    counts["errors" if "error" in rec else "scored"] += 1
+                    f.write(f"{rec['line']}\t{json.dumps(rec, ensure_ascii=False)}\n")
+        except Exception as err:  # still join the gather: the other ranks would wait forever
+            counts["failed"], failure = f"{type(err).__name__}: {err}", err
         # The gather is also the barrier: every part is complete once it returns.
         per_rank = all_gather_objects(counts)
+        failed = [f"rank {r}: {c['failed']}" for r, c in enumerate(per_rank) if c["failed"]]
+        if failed:
+            part.unlink(missing_ok=True)
+            if failure is not None:
+                raise failure
+            raise RuntimeError("gcnee predict failed on " + "; ".join(failed))
         if rank == 0:
             parts = [rank_part(output_path, r) for r in range(world)]
             with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as fout:

@@ -79,3 +79,42 @@ def test_two_processes_write_the_one_process_output(fitted, tmp_path):
             {k: v for k, v in ra.items() if k not in ("score", "latency_ms")}
         if "score" in ra:
             assert rb["score"] == pytest.approx(ra["score"], abs=1e-6), ra["line"]
+
+
+PLANTED = """import os, sys
+from gcnee import predict
+
+score = predict.Predictor.score_ids
+
+
+def fail_on_rank_1(self, requests):
+    if os.environ.get("LOCAL_RANK") == "1":
+        raise MemoryError("planted failure on rank 1")
+    return score(self, requests)
+
+
+predict.Predictor.score_ids = fail_on_rank_1
+from gcnee.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_stops_every_rank_by_name(fitted, tmp_path):
+    """A rank whose scoring raises still joins the gather, so rank 0 stops (naming it) instead
+    of waiting for it; no output and no part files are left."""
+    src, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(_requests(fitted)) + "\n")
+    script = tmp_path / "planted.py"
+    script.write_text(PLANTED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GCNEE_PIPELINE_START"):
+        env.pop(k, None)
+    cmd = [sys.executable, str(script), "predict", "--config", TINY, *fitted.overrides,
+           "--input", str(src), "--output", str(out), "trainer.accelerator=cpu",
+           "trainer.strategy=ddp", "trainer.devices=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "gcnee predict failed on rank 1: MemoryError: planted failure on rank 1" in \
+        proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".*.part"))
