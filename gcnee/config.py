@@ -122,9 +122,13 @@ class LLMConfig:
     # the training budget can change without rerunning the data and retriever stages.
     max_train_samples: int | None = None
     # Attention kernel: auto = eager on CPU (measured faster than torch's SDPA for these short
-    # prompts, in training most: README "Benchmarks"), transformers' default (sdpa) on GPU; or
-    # eager | sdpa | flash_attention_2.
+    # prompts, in training most: README "Benchmarks"), sdpa on GPU; or eager | sdpa (the layer
+    # runner that scores and records states builds its own masks for these two kernels only).
     attention: str = "auto"
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them
+    # (LoRA training): about a third more compute for a fraction of the activation memory
+    # (`gcnee plan` shows both). null = on for a quantized base (QLoRA's usual setting), else off.
+    gradient_checkpointing: bool | None = None
     # Run the prompt prefix all rows of a batch share once (gcnee/llm/shared_prefix.py): true,
     # false, or auto = on CPU only (on GPU the extra small forward is not measured to pay).
     share_prefix: str = "auto"
@@ -363,7 +367,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "retriever.edges": ("all", "positive"),
     "llm.loss": ("vocab", "binary"),
     "llm.quantization": (None, "nf4", "int8"),
-    "llm.attention": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
+    "llm.attention": ("auto", "eager", "sdpa"),
     "prompt.example_order": ("target_first", "recent"),
     "exits.head": ("full", "answer"),
     "exits.init": ("random", "copy"),

@@ -35,11 +35,12 @@ with autograd's saved-tensor hooks on a LoRA(q, v) Llama, sdpa, on the CPU):
 ``A_layer = B·T·((14.5 + 6s)·H + 3s·I)`` bytes (the 14.5·H are RMSNorm's fp32 tensors);
 eager attention adds ``B·a·T²·(4 + s)`` (fp32 softmax and its cast). Without gradient
 checkpointing ``N·A_layer``; with it ``N·B·T·H·s`` (layer inputs) plus one recomputed layer
-``A_layer``. Both are shown; the total uses checkpointing when the stage turns it on (QLoRA:
-peft's k-bit preparation). Added to both: the backward's working set of one layer
-(``A_layer``), the final norm ``8·B·T·H`` and the head: ``llm.loss=vocab`` reads the whole head
-in fp32 (a ``4·V·H`` copy kept for backward when the weights are not fp32, and ``B·V`` fp32
-logits and their softmax, ``8·B·V``); ``binary`` two rows (``8·B`` + ``8·H``).
+``A_layer``. Both are shown; the total uses checkpointing when the stage turns it on
+(``llm.gradient_checkpointing``; null: on for a quantized base). Added to both: the backward's
+working set of one layer (``A_layer``), the final norm ``8·B·T·H`` and the head:
+``llm.loss=vocab`` reads the whole head in fp32 (a ``4·V·H`` copy kept for backward when the
+weights are not fp32, and ``B·V`` fp32 logits and their softmax, ``8·B·V``); ``binary`` two rows
+(``8·B`` + ``8·H``).
 
 **Inference** (scoring, state recording, the frozen backbone of the exit stage): one layer's
 working set ``B·T·(4H + 3I)·s`` (+ eager ``B·a·T²·(4 + s)``), no saved activations.
@@ -438,10 +439,12 @@ def plan_memory(cfg: Any, model_config: dict, config_source: str = "",
     ckpt_bytes = lora * (4 + 8)  # Lightning's last.ckpt: LoRA weights + AdamW moments
     # The datamodule's token cache: every split's prompts, int64 ids (upper bound: T each).
     tokens = _mul(_add(counts["llm_train"], counts["val"], counts["test"]), 8 * T)
-    row("llm train", w_llm, lora * trainable_bytes(prec), no_ck, ck, quant is not None, 0, 0,
+    use_ck = cfg.llm.get("gradient_checkpointing")
+    use_ck = quant is not None if use_ck is None else bool(use_ck)
+    row("llm train", w_llm, lora * trainable_bytes(prec), no_ck, ck, use_ck, 0, 0,
         host=tokens, disk=ckpt_bytes,
-        notes="checkpointing on (k-bit preparation)" if quant is not None else
-        "no checkpointing")
+        notes="checkpointing on (llm.gradient_checkpointing)" if use_ck else
+        "no checkpointing (llm.gradient_checkpointing=true to turn it on)")
 
     # llm stage, evaluation (validation + test scoring through the layer runner, states kept).
     eb = int(cfg.llm.eval_batch_size)

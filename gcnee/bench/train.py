@@ -95,7 +95,7 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     from gcnee.bench.report import load_average, machine_info
     from gcnee.exits.heads import ExitHeads
     from gcnee.exits.module import ExitHeadsModule
-    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
+    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_training
     from gcnee.llm.load_plan import plan_of
     from gcnee.llm.module import CTRLLMModule
     from gcnee.stages import write_json
@@ -112,8 +112,7 @@ def bench_train(cfg: Any, out_dir: str | Path | None = None) -> dict[str, Any]:
     for label, change in lora_variants(cfg):
         llm_cfg = OmegaConf.merge(cfg.llm, change)
         model, tokenizer = load_backbone(llm_cfg, cfg.run.checkpoints_dir, plan=plan_of(cfg))
-        if cfg.llm.quantization is not None:
-            model = prepare_for_kbit(model)
+        model = prepare_for_training(model, llm_cfg)
         yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
                                          cfg.llm.use_chat_template)
         dm = run.datamodule()

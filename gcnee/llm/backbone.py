@@ -249,7 +249,7 @@ def resolve_model(llm_cfg: Any, checkpoints_dir: str | Path = "checkpoints"
     return model
 
 
-ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
+ATTENTIONS = ("auto", "eager", "sdpa")  # what gcnee.llm.runner.LayerRunner reproduces
 
 
 def attn_implementation(setting: str | None, accelerator: str = "auto") -> str | None:
@@ -360,6 +360,21 @@ def prepare_for_kbit(model: Any, gradient_checkpointing: bool = True) -> Any:
 
     _unpack_cpu_4bit(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def prepare_for_training(model: Any, llm_cfg: Any) -> Any:
+    """The backbone ready for LoRA training: QLoRA preparation of a quantized base
+    (:func:`prepare_for_kbit`), and gradient checkpointing as ``llm.gradient_checkpointing``
+    says (null: on for a quantized base only)."""
+    checkpointing = llm_cfg.get("gradient_checkpointing")
+    if checkpointing is None:
+        checkpointing = llm_cfg.quantization is not None
+    if llm_cfg.quantization is not None:
+        return prepare_for_kbit(model, gradient_checkpointing=bool(checkpointing))
+    if checkpointing:
+        # non-reentrant: no input that requires grad is needed (the embeddings are frozen)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def answer_token_ids(tokenizer: Any, answer_words: list[str], use_chat_template: bool

@@ -10,7 +10,8 @@ Validation and test scoring run through :class:`gcnee.llm.runner.LayerRunner`, w
 records the exit layers' states for the exit stage; training uses the Hugging Face forward. Loss
 (``llm.loss``): ``vocab`` = cross-entropy over the whole vocabulary on the answer token ("Yes"
 for label 1, "No" for 0; the paper's loss), or ``binary`` = cross-entropy over the two answer
-logits only.
+logits only (only those two rows of the output head are multiplied). Scoring always reads the
+two answer rows in float32.
 """
 
 from __future__ import annotations
@@ -45,16 +46,16 @@ from gcnee.precision import float32_linear
 LOSSES = ("vocab", "binary")
 
 
-def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
+def last_position_hidden(model: torch.nn.Module, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor,
                          share_prefix: bool | str | None = "auto") -> torch.Tensor:
-    """Float32 logits (B, V) at the last position of left-padded ``input_ids`` (B, T).
+    """The decoder's output (after its final norm) ``(B, hidden)`` at the last position of
+    left-padded ``input_ids`` (B, T), under whatever autocast is active.
 
-    Position ids count only real tokens (pads get 0), so left padding does not shift them. The
-    decoder runs under whatever autocast is active; the output head in float32
-    (:func:`gcnee.precision.float32_linear`). ``share_prefix`` (``llm.share_prefix``: true,
-    false, auto = on CPU): run the prompt prefix that all rows share once
-    (:mod:`gcnee.llm.shared_prefix`; same logits up to float rounding).
+    Position ids count only real tokens (pads get 0), so left padding does not shift them.
+    ``share_prefix`` (``llm.share_prefix``: true, false, auto = on CPU): run the prompt prefix
+    that all rows share once (:mod:`gcnee.llm.shared_prefix`; same output up to float rounding).
+    Raises ``ValueError`` unless the mask is contiguous left padding.
     """
     check_left_padded(attention_mask)  # right padding or holes: the last position is not real
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -65,13 +66,33 @@ def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
             and not gradient_checkpointing_active(decoder)):
         prefix = shared_prefix_length(input_ids, attention_mask)
     if prefix:
-        last = last_hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix)
-    else:
-        last = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=positions_from_mask(attention_mask),
-                       use_cache=False).last_hidden_state[:, -1]
+        return last_hidden_with_shared_prefix(decoder, input_ids, attention_mask, prefix)
+    return decoder(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask),
+                   use_cache=False).last_hidden_state[:, -1]
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor,
+                rows: list[int] | None = None) -> torch.Tensor:
+    """Float32 logits of the output head on ``hidden`` (B, hidden): all of the vocabulary
+    (B, V), or only the token ids ``rows`` (B, len(rows)) — the two answer rows for scoring and
+    the binary loss, so no (B, V) matrix is built (V = 152k for Qwen2)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
-    return float32_linear(last, head.weight, head.bias)
+    if rows is None:
+        return float32_linear(hidden, head.weight, head.bias)
+    bias = None if head.bias is None else head.bias[rows]
+    return float32_linear(hidden, head.weight[rows], bias)
+
+
+def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor,
+                         share_prefix: bool | str | None = "auto") -> torch.Tensor:
+    """Float32 vocabulary logits (B, V) at the last position of left-padded ``input_ids``
+    (B, T) (:func:`last_position_hidden`, then the output head in float32:
+    :func:`gcnee.precision.float32_linear`)."""
+    return head_logits(model, last_position_hidden(model, input_ids, attention_mask,
+                                                   share_prefix))
 
 
 def answer_logits(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
@@ -86,12 +107,17 @@ def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tens
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int,
                 kind: str = "vocab") -> torch.Tensor:
-    """Mean cross-entropy on the answer token; ``logits`` (B, V), ``labels`` (B,) in {0, 1}."""
+    """Mean cross-entropy on the answer token; ``labels`` (B,) in {0, 1}.
+
+    ``logits``: last-position logits (B, V); for ``kind="binary"`` also the (B, 2) [yes, no]
+    answer logits alone (what training computes: :func:`head_logits` with two rows).
+    """
     if kind == "vocab":
         target = torch.where(labels == 1, yes_id, no_id)
         return F.cross_entropy(logits.float(), target)
     if kind == "binary":
-        return F.cross_entropy(answer_logits(logits, yes_id, no_id), 1 - labels.long())
+        pair = logits.float() if logits.shape[-1] == 2 else answer_logits(logits, yes_id, no_id)
+        return F.cross_entropy(pair, 1 - labels.long())
     raise ValueError(f"llm.loss must be one of {', '.join(LOSSES)}, got {kind!r}")
 
 
@@ -145,6 +171,7 @@ class CTRLLMModule(L.LightningModule):
         self.warmup_ratio = float(llm_cfg.warmup_ratio)
         self.tag = "tuned"
         self.lora_merged = False  # True while evaluation runs on merged weights
+        self._unmerged: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from disk.
         self.strict_loading = False
         self.eval_metrics = torch.nn.ModuleDict({
@@ -199,8 +226,16 @@ class CTRLLMModule(L.LightningModule):
         return out["p"], seen
 
     # ---- training -------------------------------------------------------------------------
+    def training_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                        ) -> torch.Tensor:
+        """What the loss reads (float32): vocabulary logits (B, V) for ``llm.loss=vocab``, the
+        [yes, no] logits (B, 2) for ``binary`` (two head rows, no vocabulary projection)."""
+        hidden = last_position_hidden(self.model, input_ids, attention_mask, self.share_prefix)
+        rows = [self.yes_id, self.no_id] if self.loss_kind == "binary" else None
+        return head_logits(self.model, hidden, rows)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.training_logits(batch["input_ids"], batch["attention_mask"])
         loss = answer_loss(logits, batch["label"], self.yes_id, self.no_id, self.loss_kind)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
@@ -266,18 +301,29 @@ class CTRLLMModule(L.LightningModule):
         self._start_recording("test")
 
     def _merge_lora(self, merge: bool) -> None:
-        # Evaluation runs on the merged weights W + s·BA: the unmerged adapter path adds two
-        # small matmuls, dtype casts and an add to each of the 7 x 30 adapted projections
-        # (about a tenth of a bf16 scoring pass on the development CPU). Quantized bases keep
-        # the unmerged path (merging into 4/8-bit weights is lossy).
+        # On the CPU evaluation runs on the merged weights W + s·BA: the unmerged adapter path
+        # adds two small matmuls, dtype casts and an add to each adapted projection (about a
+        # tenth of a bf16 scoring pass on the development CPU). Unmerging would subtract s·BA
+        # again, and W + Δ − Δ != W in floating point (every evaluation would shift the weights
+        # training continues from), so the exact original weights are kept and copied back.
+        # On CUDA the adapter path is cheap and a copy of every adapted weight is not: no merge.
+        # Quantized bases keep the unmerged path (merging into 4/8-bit weights is lossy).
         tuner = getattr(self.model, "base_model", None)
         if not hasattr(tuner, "merge_adapter") or getattr(tuner.model, "hf_quantizer", None):
             return
         if merge and not self.lora_merged:
+            if next(self.model.parameters()).device.type != "cpu":
+                return
+            self._unmerged = [(p, p.detach().clone()) for p in _adapted_weights(self.model)]
             tuner.merge_adapter()
+            self.lora_merged = True
         elif not merge and self.lora_merged:
             tuner.unmerge_adapter()
-        self.lora_merged = merge
+            with torch.no_grad():
+                for param, original in self._unmerged:
+                    param.copy_(original)
+            self._unmerged = []
+            self.lora_merged = False
 
     def on_validation_start(self) -> None:
         self._merge_lora(True)
@@ -345,19 +391,72 @@ class CTRLLMModule(L.LightningModule):
         _replace_dir(tmp, folder)
         return folder
 
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's state dict with the LoRA weights merged in, on the CPU, under the
+        base model's own names (this module is unchanged; no second model is built).
+
+        Each adapted weight is ``W + s·BA`` computed in float32 and stored in ``W``'s dtype;
+        every other tensor is the base's own (tied tensors stay shared).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if getattr(getattr(self.model, "base_model", None), "model", None) is None:
+            raise TypeError("merged_state_dict needs a peft-wrapped model")
+        if self.lora_merged:
+            raise RuntimeError("the adapter is merged in for evaluation: merge after it ends")
+        base = self.model.get_base_model()
+        if getattr(base, "hf_quantizer", None) is not None:
+            raise ValueError("a quantized base is not merged (it would be re-quantized): the "
+                             "adapter is served on the quantized base instead")
+        merged: dict[int, torch.Tensor] = {}  # keyed by storage: tied weights stay one tensor
+        deltas = {}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                deltas[f"{name}.weight"] = (weight, delta)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, tensor in base.state_dict().items():
+                if ".lora_" in key:
+                    continue
+                name = key.replace(".base_layer.", ".")
+                if name in deltas:
+                    weight, delta = deltas[name]
+                    out[name] = (weight.float() + delta).to(weight.dtype).cpu()
+                else:
+                    ptr = tensor.data_ptr()
+                    if ptr not in merged:
+                        merged[ptr] = tensor.detach().cpu()
+                    out[name] = merged[ptr]
+        return out
+
     def merged_model(self) -> torch.nn.Module:
-        """A copy of the backbone with the LoRA weights merged in (this module is unchanged)."""
-        return copy.deepcopy(self.model).merge_and_unload()
+        """A plain (not peft) copy of the backbone with the LoRA weights merged in, on the CPU
+        (for tests and small models; :meth:`save_merged` writes without building it)."""
+        base = self.model.get_base_model()
+        state = self.merged_state_dict()
+        model = type(base)(copy.deepcopy(base.config))
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        return model.to(next(iter(state.values())).dtype).eval()
 
     def save_merged(self, folder: str | Path, tokenizer: Any = None) -> Path:
-        """Save the merged model (and tokenizer) as a plain HF folder for the exit stage."""
+        """Save the merged model (and tokenizer) as a plain HF folder for the exit stage,
+        written from :meth:`merged_state_dict` (no copy of the model on its device)."""
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        merged = self.merged_model()
-        merged.save_pretrained(tmp)
+        base = self.model.get_base_model()
+        base.save_pretrained(tmp, state_dict=self.merged_state_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        del merged
         _replace_dir(tmp, folder)
         return folder
+
+
+def _adapted_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The base weights that peft's LoRA layers of ``model`` merge into."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]

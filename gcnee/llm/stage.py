@@ -4,16 +4,17 @@ Order: load backbone -> build/load the token cache (``CTRDataModule``) -> score 
 on the validation and test subsets (cached per prompt set, so reruns that only change training
 settings skip it) -> simple scorers (train item-mean, history-mean) on the same samples -> LoRA
 training (resumes from ``ckpt/last.ckpt`` of the same configuration) -> score the tuned model ->
-save the adapter (``adapter/``, peft format) and a merged copy (``merged/``, plain HF folder with
-tokenizer, read by the exit stage) -> ``scores_{val,test}.csv`` (one row per sample) and
-``summary.json`` (AUC with 95% bootstrap CI per scorer, log-loss, accuracy, truncations, seconds).
+save the adapter (``adapter/``, peft format) and, unless the base is quantized, a merged copy
+(``merged/``, plain HF folder with tokenizer, read by the exit stage; a quantized run serves the
+adapter on its quantized base: ``gcnee.llm.backbone.load_tuned``) -> ``scores_{val,test}.csv``
+(one row per sample) and ``summary.json`` (AUC with 95% bootstrap CI per scorer, log-loss,
+accuracy, truncations, seconds).
 TensorBoard: ``logs/<run>/llm/``.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,7 @@ from gcnee.llm.datamodule import EVAL_SPLITS, CTRDataModule
 from gcnee.metrics import summarize
 from gcnee.simple_scorers import SCORERS, score_simple
 from gcnee.stages import StageContext, read_json, register, write_json
-from gcnee.training import (
-    checkpoint_step,
-    resumable_checkpoint,
-    trainer_from_config,
-    uses_cuda,
-)
+from gcnee.training import checkpoint_step, resumable_checkpoint, trainer_from_config
 
 PROB_SCORERS = ("tuned", "untuned")
 
@@ -54,15 +50,6 @@ def build_trainer(cfg: DictConfig, *, fit: bool, logger: Any = None,
     return trainer_from_config(cfg.trainer, max_epochs=int(cfg.llm.epochs) if fit else None,
                                logger=logger, callbacks=callbacks, enable_model_summary=fit,
                                use_distributed_sampler=False, **extra)
-
-
-def _device_map(cfg: DictConfig) -> Any:
-    """bitsandbytes models are placed at load time (Lightning cannot move them afterwards)."""
-    if cfg.llm.quantization is None:
-        return None
-    if uses_cuda(cfg.trainer.accelerator):
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return None
 
 
 # Where every rank writes its shard of the recorded states during the tuned evaluation (in the
@@ -143,7 +130,8 @@ def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
           help="LoRA-tune the CTR LLM; AUC of tuned/untuned/simple scorers with 95% CIs")
 def run(ctx: StageContext) -> dict[str, Any]:
     from gcnee.data.tables import PreparedData
-    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_kbit
+    from gcnee.llm.backbone import answer_token_ids, load_backbone, prepare_for_training
+    from gcnee.llm.load_plan import plan_of
     from gcnee.llm.module import CTRLLMModule
 
     cfg = ctx.cfg
@@ -151,11 +139,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.time()
     L.seed_everything(int(cfg.run.seed), workers=True, verbose=False)
     data_dir, retriever_dir = ctx.input_dir("data"), ctx.input_dir("retriever")
-    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir,
-                                     accelerator=cfg.trainer.accelerator,
-                                     device_map=_device_map(cfg))
-    if cfg.llm.quantization is not None:
-        model = prepare_for_kbit(model)
+    model, tokenizer = load_backbone(cfg.llm, cfg.run.checkpoints_dir, plan=plan_of(cfg))
+    model = prepare_for_training(model, cfg.llm)
     yes_id, no_id = answer_token_ids(tokenizer, list(cfg.llm.answer_words),
                                      cfg.llm.use_chat_template)
     seconds["load"] = time.time() - t0
@@ -207,7 +192,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t0 = time.time()
     if zero:
         module.save_adapter(ctx.out_dir / "adapter")
-        module.save_merged(ctx.out_dir / "merged", tokenizer)
+        if cfg.llm.quantization is None:  # a quantized base serves the adapter unmerged
+            module.save_merged(ctx.out_dir / "merged", tokenizer)
         from gcnee.llm.states import remove_shards
 
         for split in EVAL_SPLITS:

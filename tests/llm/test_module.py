@@ -234,16 +234,20 @@ def test_recorded_states_are_the_merged_models_exit_layer_states(tok):
     assert seen == {}  # nothing asked, nothing kept
 
 
-def test_evaluation_merges_lora_and_restores_it(tok):
-    """validate/test score on W + s·BA merged in (faster), with the unmerged path's scores, and
-    leave the adapter unmerged so training continues on the same weights."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluation_merges_lora_and_leaves_weights_bit_identical(tok, dtype):
+    """validate/test score on W + s·BA merged in (faster on CPU), with the unmerged path's
+    scores, and afterwards every weight is bit for bit what it was (W + Δ − Δ != W in floating
+    point: subtracting the delta again would shift the weights training continues from)."""
     yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
-    module = CTRLLMModule(make_tiny_llama(len(tok), seed=5), yes, no, llm_cfg(**{"lora.r": 4}))
+    module = CTRLLMModule(make_tiny_llama(len(tok), seed=5).to(dtype), yes, no,
+                          llm_cfg(**{"lora.r": 4, "lora.target_modules": ALL_PROJ}))
     perturb_lora(module, seed=1)
+    module.model.to(dtype)
     texts = ["the user rated a good movie with 4 stars . Answer :", "a bad book ?", "good"]
     batch = batch_of(tok, texts)
     unmerged = module.eval().score(batch["input_ids"], batch["attention_mask"])
-    before = {n: p.clone() for n, p in module.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     seen_merged = []
     score = module.score_and_record
 
@@ -256,11 +260,49 @@ def test_evaluation_merges_lora_and_restores_it(tok):
                          for i, t in enumerate(texts)], batch_size=3,
                         collate_fn=lambda b: collate_left(b, tok.pad_token_id))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False,
+                        precision="bf16-true" if dtype == torch.bfloat16 else "32-true")
     trainer.validate(module, loader, verbose=False)
-    assert seen_merged == [True]
+    trainer.test(module, loader, verbose=False)
+    assert seen_merged == [True, True]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(torch.as_tensor(module.results["val"]["score"]).float(), unmerged,
-                          atol=1e-5)
+                          atol=tol)
     assert not module.lora_merged
     after = dict(module.model.named_parameters())
-    assert all(torch.allclose(after[n], p, atol=1e-6) for n, p in before.items())
+    changed = [n for n, p in before.items() if not torch.equal(after[n], p)]
+    assert changed == []
+    # what the exact restore prevents: merging and unmerging alone moves the weights
+    tuner = module.model.base_model
+    tuner.merge_adapter()
+    tuner.unmerge_adapter()
+    drift = [n for n, p in before.items() if not torch.equal(after[n], p)]
+    assert drift, "merge + unmerge was exact here: the test shows nothing"
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tok):
+    """llm.gradient_checkpointing=true recomputes activations in backward: same loss and LoRA
+    gradients as keeping them (the memory it saves is gcnee plan's)."""
+    from gcnee.llm.backbone import prepare_for_training
+
+    yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
+    batch = batch_of(tok, ["the user rated a good movie with 4 stars . Answer :", "a bad book ?"],
+                     labels=[1, 0])
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = llm_cfg(**{"lora.r": 4, "lora.dropout": 0.0,
+                         "gradient_checkpointing": checkpointing})
+        model = prepare_for_training(make_tiny_llama(len(tok), seed=2), cfg)
+        module = CTRLLMModule(model, yes, no, cfg)
+        perturb_lora(module)
+        module.train()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in module.named_parameters()
+                                if p.requires_grad}
+        decoder = module.model.get_base_model().model
+        assert any(getattr(m, "gradient_checkpointing", False)
+                   for m in decoder.modules()) is checkpointing
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-6, rtol=1e-5)
