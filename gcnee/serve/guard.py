@@ -18,12 +18,14 @@ For ``POST /predict`` it, in order:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gcnee.serve.metrics import CONTENT_TYPE, ServeMetrics
 
+log = logging.getLogger("gcnee.serve")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -103,6 +105,9 @@ class Guard:
         self.in_flight += rows
         try:
             status, headers, answer = await self._forward(scope, body)
+        except Exception:  # answered and counted as a 500 here, not left to the ASGI server
+            log.exception("POST %s failed", self.path)
+            status, headers, answer = 500, [], b'{"error": "internal server error"}'
         finally:
             self.in_flight -= rows
         if status != 200:

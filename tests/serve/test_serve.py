@@ -239,3 +239,17 @@ def test_real_server_drains_in_flight_requests_on_sigterm(fitted, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_serve_names_missing_outputs_and_the_missing_extra(tmp_path, capsys, monkeypatch):
+    assert main(["serve", "--config", TINY, f"run.checkpoints_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "the run is not complete" in err and "exits/heads.pt" in err  # before any worker
+
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "litserve" else real(name, *a))
+    assert main(["serve", "--config", TINY]) == 1
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err
