@@ -15,6 +15,7 @@
     gcnee bench serve --config FILE [key=value ...]
     gcnee plan --config FILE [--gpu-memory 80GB] [--samples N] [--model-config FILE] [k=v ...]
     gcnee bench gpu [--tiny] [--out logs/gpu_check] [--budget-s 480] [--parts a,b]
+    gcnee bench rehearsal [--config FILE] [--small] [--budget-s 7200] [key=value ...]
 
 ``gcnee serve`` scores requests over HTTP (POST /predict, GET /health, GET /metrics) with dynamic
 batching and early exit (the ``serve`` extra: LitServe; docs/serving.md); ``gcnee bench serve``
@@ -117,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     bgpu.add_argument("--out", default="logs/gpu_check", help="output folder")
     bgpu.add_argument("--budget-s", type=float, default=480.0, help="global time budget")
     bgpu.add_argument("--parts", default=None, help="comma-separated parts (default: all)")
+    breh = bench.add_parser("rehearsal", help="CPU scale rehearsal: the whole pipeline on a "
+                            "synthetic Video Games-sized data set, DDP CPU processes, per-rank "
+                            "peak memory per stage")
+    breh.add_argument("--config", "-c", default=None, help="base config (configs/videogames.yaml)")
+    breh.add_argument("overrides", nargs="*", help="config overrides, key=value (applied last)")
+    breh.add_argument("--small", action="store_true", help="300 users x 200 items (CI)")
+    breh.add_argument("--users", type=int, default=None, help="synthetic users (42000)")
+    breh.add_argument("--items", type=int, default=None, help="synthetic items (17000)")
+    breh.add_argument("--interactions", type=int, default=None, help="reviews (400000)")
+    breh.add_argument("--devices", type=int, default=2, help="DDP CPU processes")
+    breh.add_argument("--budget-s", type=float, default=7200.0, help="global time budget")
+    breh.add_argument("--no-single", action="store_true",
+                      help="skip the 1-process llm/exits rerun (the memory comparison)")
 
     ev = sub.add_parser("evaluate", help="threshold/window sweep of a trained run (no training)")
     _add_config_args(ev)
@@ -272,6 +286,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             write_json(Path(args.json), plan.as_dict())
         return 0
+    if args.command == "bench" and args.what == "rehearsal":  # each stage is a subprocess
+        return _rehearsal(args)
     if args.command == "bench" and args.what == "gpu":
         from gcnee.bench.gpu import run_gpu_check
 
@@ -328,6 +344,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         predict_file(cfg, args.input, args.output, full_depth=args.full_depth)
         return 0
     raise AssertionError(f"unhandled command {args}")
+
+
+def _rehearsal(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gcnee.bench.rehearsal import SMALL, rehearsal
+    from gcnee.bench.synthetic import SyntheticSpec
+
+    spec = SMALL if args.small else SyntheticSpec()
+    sizes = {k: getattr(args, k) for k in ("users", "items", "interactions")}
+    spec = replace(spec, **{k: v for k, v in sizes.items() if v is not None})
+    result = rehearsal(args.config, args.overrides, spec=spec, devices=args.devices,
+                       budget_s=args.budget_s, small=args.small, single=not args.no_single,
+                       command=_rehearsal_command(args))
+    return 0 if all(r["status"] == "ok" for r in result["stages"]) else 1
+
+
+def _rehearsal_command(args: argparse.Namespace) -> str:
+    words = ["gcnee", "bench", "rehearsal"]
+    if args.config:
+        words += ["--config", args.config]
+    if args.small:
+        words.append("--small")
+    for key in ("users", "items", "interactions", "devices", "budget_s"):
+        if getattr(args, key) is not None:
+            words += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.no_single:
+        words.append("--no-single")
+    return " ".join([*words, *args.overrides])
 
 
 def _serve(args: argparse.Namespace, cfg) -> int:
