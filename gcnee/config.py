@@ -226,6 +226,10 @@ class EvalConfig:
     # What the exit rule reads when the heads are calibrated: raw | calibrated P(yes) (scores are
     # calibrated either way).
     rule_reads: str = "raw"
+    # The exit rule a trained run serves (predict, serve): chosen = the setting the exit stage
+    # chose on validation (its summary's "chosen": rule, τ, m, what the rule reads), config =
+    # eval.rule / threshold / window / rule_reads as given.
+    exit_setting: str = "chosen"
     # Which calibrated rows the sweep adds for each rule: what their rule reads.
     sweep_rule_reads: list[str] = field(default_factory=lambda: ["raw", "calibrated"])
     # The report's chosen setting: the fastest on validation whose validation AUC is at most this
@@ -374,6 +378,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "exits.lr_depth": ("head", "layer"),
     "eval.rule": ("window", "confidence", "patience", "fixed", "none"),
     "eval.rule_reads": ("raw", "calibrated"),
+    "eval.exit_setting": ("chosen", "config"),
     "exits.calibration": ("none", "platt", "isotonic", "auto"),
 }
 HEADER_FILES = ("interactions", "items", "users")

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 
 from gcnee.data.samples import user_order
 from gcnee.data.tables import Sample
-from gcnee.run import TrainedRun
+from gcnee.run import TrainedRun, exit_mode
 
 
 class RequestError(ValueError):
@@ -279,9 +279,7 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
     seconds = time.perf_counter() - start
     summary = {**counts, "seconds": round(seconds, 3),
                "rps": round(counts["scored"] / seconds, 2) if seconds > 0 else None,
-               "mode": "full depth" if pred.full_depth else
-               f"early exit ({pred.cfg.eval.rule}, tau={pred.cfg.eval.threshold}, "
-               f"m={pred.cfg.eval.window})",
+               "mode": exit_mode(pred.cfg.eval, pred.full_depth, pred.run.chosen),
                "output": str(output_path)}
     print(f"[gcnee] predict: {counts['scored']} scored, {counts['errors']} error record(s), "
           f"{summary['seconds']} s, {summary['mode']} -> {output_path}", file=sys.stderr)
@@ -355,9 +353,7 @@ def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str
     total = {k: sum(c[k] for c in per_rank) for k in ("scored", "errors")}
     summary = {**total, "seconds": round(seconds, 3), "processes": world,
                "rps": round(total["scored"] / seconds, 2) if seconds > 0 else None,
-               "mode": "full depth" if pred.full_depth else
-               f"early exit ({pred.cfg.eval.rule}, tau={pred.cfg.eval.threshold}, "
-               f"m={pred.cfg.eval.window})",
+               "mode": exit_mode(pred.cfg.eval, pred.full_depth, pred.run.chosen),
                "output": str(output_path)}
     if rank == 0:
         print(f"[gcnee] predict: {total['scored']} scored, {total['errors']} error record(s) "

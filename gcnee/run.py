@@ -178,6 +178,37 @@ def run_config(cfg: DictConfig, folder: Path, stage: str) -> DictConfig:
     return out
 
 
+def apply_chosen_setting(cfg: DictConfig, folder: Path) -> dict[str, Any] | None:
+    """With ``eval.exit_setting=chosen``, set ``eval.rule`` / ``threshold`` / ``window`` /
+    ``rule_reads`` of ``cfg`` (in place) to the setting the exit stage chose on validation
+    (``exits/summary.json``, "chosen"); the chosen row, or None when there is none (then, and
+    with ``eval.exit_setting=config``, ``cfg`` stays as it is)."""
+    if str(cfg.eval.get("exit_setting", "chosen")) != "chosen":
+        return None
+    summary = folder / "exits" / "summary.json"
+    chosen = read_json(summary).get("chosen") if summary.is_file() else None
+    if not chosen:
+        return None
+    cfg.eval.rule = str(chosen["rule"])
+    if chosen.get("tau") is not None:
+        cfg.eval.threshold = float(chosen["tau"])
+    if chosen.get("m") is not None:
+        cfg.eval.window = int(chosen["m"])
+    cfg.eval.rule_reads = str(chosen.get("reads", "raw"))
+    return chosen
+
+
+def exit_mode(eval_cfg: Any, full_depth: bool, chosen: dict[str, Any] | None) -> str:
+    """How a run answers, in words: ``full depth`` or the exit rule and where it comes from."""
+    if full_depth:
+        return "full depth"
+    source = ("chosen on validation" if chosen else
+              "eval.rule/threshold/window" + ("" if str(eval_cfg.get("exit_setting", "chosen"))
+                                              == "config" else ": no choice recorded"))
+    return (f"early exit ({eval_cfg.rule}, tau={eval_cfg.threshold}, m={eval_cfg.window}, "
+            f"rule reads {eval_cfg.get('rule_reads', 'raw')} P; {source})")
+
+
 def _warn_outdated(cfg: DictConfig, stages: list[str]) -> None:
     for stage in stages:
         fresh, why = fresh_ignoring_report_keys(cfg, stage)
@@ -216,6 +247,7 @@ class TrainedRun:
         self.folder, self.full_depth, self.fingerprint = folder, bool(full_depth), fingerprint
         self.calibration = calibration
         self.name = str(cfg.run.name)
+        self.chosen: dict[str, Any] | None = None  # the exit stage's choice, when served
         self._scorer = None
 
     @classmethod
@@ -239,6 +271,7 @@ class TrainedRun:
         check_run(folder, stages)
         run_cfg = run_config(cfg, folder, stages[-1])
         _warn_outdated(run_cfg, stages)
+        chosen = None if full_depth else apply_chosen_setting(run_cfg, folder)
         from gcnee.exits.heads import ExitHeads, load_calibration, load_heads
         from gcnee.llm.backbone import answer_token_ids, load_tuned
         from gcnee.llm.load_plan import plan_of
@@ -264,8 +297,10 @@ class TrainedRun:
 
                 similar = SimilarUsers.load(folder / "retriever")
         fp = read_json(folder / stages[-1] / MARKER).get("fingerprint")
-        return cls(run_cfg, tokenizer, model, heads, answer_ids, prepared, similar, folder,
-                   full_depth, fp, calibration)
+        run = cls(run_cfg, tokenizer, model, heads, answer_ids, prepared, similar, folder,
+                  full_depth, fp, calibration)
+        run.chosen = chosen
+        return run
 
     # -- placement -----------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def dequantize_and_merge(model: torch.nn.Module) -> torch.nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(base_model.get_submodule(parent_name), child, dense)
     base_model.hf_quantizer = None
-    return base_model.float().eval()
+    return torch.nn.Module.float(base_model).eval()
 
 
 def main() -> None:

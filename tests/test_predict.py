@@ -73,7 +73,6 @@ def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
     from gcnee.exits.scorer import EarlyExitScorer
     from gcnee.llm.backbone import load_tuned
 
-    cfg = fitted.cfg()
     dm = predictor.run.datamodule()
     test = dm.datasets["test"]
     stage_ids = dict(zip(test.sample_ids, test.input_ids))
@@ -86,8 +85,8 @@ def test_prompts_and_scores_equal_the_exit_stage_scorer(fitted, predictor):
     cal = load_calibration(heads_pt)  # exits.calibration=auto: predict serves calibrated P
     assert cal is not None and predictor.run.calibration is not None
     scorer = EarlyExitScorer(model, load_heads(heads_pt, model), calibration=cal,
-                             rule_reads=cfg.eval.rule_reads)
-    ev = cfg.eval
+                             rule_reads=predictor.run.cfg.eval.rule_reads)
+    ev = predictor.run.cfg.eval  # the setting the exit stage chose on validation
     ref = scorer.score_requests(prompts, 1, rule=ev.rule, tau=ev.threshold, m=ev.window,
                                 min_prev=ev.window_min_prev)
     scores, layers = predictor.score_ids(prompts)
@@ -163,9 +162,26 @@ def test_a_run_is_scored_with_its_own_prompt_settings(fitted):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = TrainedRun.open(fitted.cfg("llm.lr=0.5", "eval.threshold=0.7",
-                                         "eval.batch_size=3"), tables=False)
+                                         "eval.exit_setting=config", "eval.batch_size=3"),
+                              tables=False)
     said = [str(w.message) for w in caught if "trained with other settings" in str(w.message)]
     assert len(said) == 1 and "llm.lr" in said[0]
     assert run.cfg.llm.lr == fitted.cfg().llm.lr  # the run's own training value
     assert run.cfg.eval.threshold == 0.7 and run.cfg.eval.batch_size == 3  # serving keys
     assert run.fingerprint and run.calibration is not None and run.name == "tiny"
+
+
+def test_the_exit_setting_chosen_on_validation_is_served_unless_config_is_asked(fitted,
+                                                                              predictor):
+    import json
+
+    chosen = json.loads((fitted.run / "exits" / "summary.json").read_text())["chosen"]
+    ev = predictor.run.cfg.eval
+    assert chosen and predictor.run.chosen == chosen
+    assert ev.rule == chosen["rule"] and ev.rule_reads == chosen["reads"]
+    assert chosen["m"] is None or ev.window == chosen["m"]
+    assert chosen["tau"] is None or ev.threshold == chosen["tau"]
+    given = Predictor.open(fitted.cfg("eval.exit_setting=config", "eval.rule=confidence",
+                                      "eval.threshold=0.123"))
+    assert given.run.chosen is None
+    assert (given.run.cfg.eval.rule, given.run.cfg.eval.threshold) == ("confidence", 0.123)

@@ -276,7 +276,7 @@ def bench_serve(cfg: Any, command: str | None = None) -> dict[str, Any]:
         "settings": {"bench": OmegaConf.to_container(b, resolve=True),
                      "max_batch_size": int(cfg.serve.max_batch_size),
                      "batch_timeout": float(cfg.serve.batch_timeout),
-                     "rule": f"{cfg.eval.rule}, tau={cfg.eval.threshold}, m={cfg.eval.window}",
+                     "rule": _served_rule(cfg),
                      "precision": str(cfg.trainer.precision)},
         "variants": {}}
     for name in b.variants:
@@ -375,3 +375,12 @@ def plot_serve(results: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def _served_rule(cfg: Any) -> str:
+    """The early-exit setting the servers answer with (the exit stage's choice by default)."""
+    from gcnee.run import apply_chosen_setting, exit_mode, run_dir
+
+    served = cfg.copy()
+    chosen = apply_chosen_setting(served, run_dir(cfg))
+    return exit_mode(served.eval, False, chosen)

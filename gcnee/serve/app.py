@@ -39,14 +39,15 @@ class ServeError(RuntimeError):
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """Name, fingerprint and mode of the run ``cfg`` names, read from its markers (no model
     loading: the HTTP process shows them at ``GET /info``); checks the run is complete."""
-    from gcnee.run import check_run, run_dir
+    from gcnee.run import apply_chosen_setting, check_run, exit_mode, run_dir
 
     folder = run_dir(cfg)
     stages = ["data", "retriever", "llm"] + (["exits"] if cfg.serve.early_exit else [])
     check_run(folder, stages)
-    ev = cfg.eval
-    mode = (f"early exit ({ev.rule}, tau={ev.threshold}, m={ev.window})"
-            if cfg.serve.early_exit else "full depth")
+    # the worker's TrainedRun.open applies the same choice to its own copy of the config
+    served = cfg.copy()
+    chosen = apply_chosen_setting(served, folder) if cfg.serve.early_exit else None
+    mode = exit_mode(served.eval, not cfg.serve.early_exit, chosen)
     return {"run": str(cfg.run.name), "mode": mode,
             "fingerprint": read_json(folder / stages[-1] / MARKER).get("fingerprint")}
 
