@@ -23,7 +23,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from gcnee.exits.sweep import HEAD_PROBS, load_head_probs, run_sweep
     from gcnee.exits.sweep_output import format_sweep, write_sweep
 
-    run = TrainedRun.open(cfg, tables=False).place()
+    run = TrainedRun.open(cfg, tables=False, serving=False).place()
     dm = run.datamodule()
     test, val = dm.datasets["test"], dm.datasets["val"]
     layers, folder, bs = run.heads.layers, run.folder / "exits", int(run.cfg.eval.batch_size)

@@ -252,7 +252,7 @@ class TrainedRun:
 
     @classmethod
     def open(cls, cfg: DictConfig, *, full_depth: bool = False, tables: bool = True,
-             device: Any = None) -> TrainedRun:
+             device: Any = None, serving: bool = True) -> TrainedRun:
         """Read the run of ``cfg`` (``run.checkpoints_dir``/``run.name``) from disk.
 
         The model is loaded as :func:`gcnee.llm.load_plan.plan_of` says: in its dtype, on the CPU,
@@ -263,6 +263,9 @@ class TrainedRun:
         ``full_depth``: the exit stage is not needed (the model's own head answers).
         ``tables``: also load the data stage's tables and the similar users (what requests
         need; the benches and ``evaluate`` read prompts from the token cache instead).
+        ``serving``: answer with the exit setting the exit stage chose on validation when
+        ``eval.exit_setting=chosen`` (:func:`apply_chosen_setting`; predict, serve); False keeps
+        ``eval.*`` as given (``evaluate`` re-sweeps, the benches time their own settings).
         """
         import gcnee.pipeline  # noqa: F401  (registers the stages: freshness needs them)
 
@@ -271,7 +274,7 @@ class TrainedRun:
         check_run(folder, stages)
         run_cfg = run_config(cfg, folder, stages[-1])
         _warn_outdated(run_cfg, stages)
-        chosen = None if full_depth else apply_chosen_setting(run_cfg, folder)
+        chosen = apply_chosen_setting(run_cfg, folder) if serving and not full_depth else None
         from gcnee.exits.heads import ExitHeads, load_calibration, load_heads
         from gcnee.llm.backbone import answer_token_ids, load_tuned
         from gcnee.llm.load_plan import plan_of

@@ -15,7 +15,7 @@ from gcnee.run import TrainedRun
 def open_run(cfg: DictConfig, full_depth: bool = False) -> TrainedRun:
     """The run of ``cfg`` with its tuned model (and exit heads), placed on its device; no data
     tables (the benches read prompts from the token cache)."""
-    return TrainedRun.open(cfg, full_depth=full_depth, tables=False).place()
+    return TrainedRun.open(cfg, full_depth=full_depth, tables=False, serving=False).place()
 
 
 def eval_requests(dm: Any, n: int) -> list[list[int]]:
