@@ -69,13 +69,9 @@ def test_states_with_and_without_prefix_equal_each_prompt_alone(kernel):
                 assert torch.allclose(states[layer][r], alone[layer], atol=1e-5), (share, r)
 
 
-@pytest.mark.parametrize("compact", [True, False])
-def test_rows_leaving_at_different_layers_with_a_shared_prefix(compact):
-    model = _model("eager", layers=6)
-    reqs = prompts(7)
-    ids, am = left_pad(reqs, pad_id=0)
-    leave_at = {0: 2, 1: 4, 2: 2, 3: 6, 4: 4, 5: 6, 6: 2}  # row -> layer
-    runner = LayerRunner(model, share_prefix=True)
+def run_leaving(runner, ids, am, layers, leave_at, **kw):
+    """``runner.run`` with row ``r`` leaving at layer ``leave_at[r]``: the states each row was
+    visited with ``{row: {layer: (hidden,)}}``, and the run's stats."""
     seen: dict[int, dict[int, torch.Tensor]] = {}
 
     def visit(layer, h, rows):
@@ -84,7 +80,18 @@ def test_rows_leaving_at_different_layers_with_a_shared_prefix(compact):
         return torch.tensor([leave_at[r] == layer for r in rows.tolist()])
 
     with torch.no_grad():
-        stats = runner.run(ids, am, [2, 4, 6], visit, compact=compact)
+        stats = runner.run(ids, am, layers, visit, **kw)
+    return seen, stats
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_rows_leaving_at_different_layers_with_a_shared_prefix(compact):
+    model = _model("eager", layers=6)
+    reqs = prompts(7)
+    ids, am = left_pad(reqs, pad_id=0)
+    leave_at = {0: 2, 1: 4, 2: 2, 3: 6, 4: 4, 5: 6, 6: 2}  # row -> layer
+    runner = LayerRunner(model, share_prefix=True)
+    seen, stats = run_leaving(runner, ids, am, [2, 4, 6], leave_at, compact=compact)
     assert stats.prefix == len(PREFIX)
     assert {r: max(v) for r, v in seen.items()} == leave_at  # no row visited after leaving
     for r, seq in enumerate(reqs):

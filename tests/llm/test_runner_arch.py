@@ -29,7 +29,7 @@ from gcnee.llm.module import CTRLLMModule, last_position_logits
 from gcnee.llm.runner import LayerRunner, check_architecture, sliding_window_layers
 from gcnee.llm.shared_prefix import last_hidden_with_shared_prefix
 
-from .test_runner import PREFIX, hf_last_states, prompts
+from .test_runner import PREFIX, hf_last_states, prompts, run_leaving
 
 VOCAB = 64
 MAX_LENGTH = 40  # prompts() are 21..34 tokens
@@ -115,15 +115,7 @@ def test_rows_leaving_mid_stack_keep_the_states_of_each_prompt_alone(arch, kerne
     leave_at = {0: 1, 1: 2, 2: 1, 3: 3, 4: 2, 5: 3, 6: 1}  # row -> layer
     for share in (False, True):
         runner = LayerRunner(model, share_prefix=share, max_length=MAX_LENGTH)
-        seen: dict[int, dict[int, torch.Tensor]] = {}
-
-        def visit(layer, h, rows):
-            for x, r in zip(h, rows.tolist()):
-                seen.setdefault(r, {})[layer] = x
-            return torch.tensor([leave_at[r] == layer for r in rows.tolist()])
-
-        with torch.no_grad():
-            stats = runner.run(ids, am, [1, 2, 3], visit)
+        seen, stats = run_leaving(runner, ids, am, [1, 2, 3], leave_at)
         assert {r: max(v) for r, v in seen.items()} == leave_at
         assert stats.row_layers == 3 * 1 + 2 * 2 + 2 * 3  # compacted: no row runs past its exit
         for r, seq in enumerate(reqs):
