@@ -78,7 +78,8 @@ class CTRServeAPI(ls.LitAPI):
             import torch
 
             torch.set_num_threads(int(cfg.serve.threads))
-        run = TrainedRun.open(cfg, full_depth=self.full_depth).place(device)
+        # LitServe's device: loaded onto it (CUDA and quantized models are placed at load time)
+        run = TrainedRun.open(cfg, full_depth=self.full_depth, device=device).place(device)
         self.predictor = Predictor(run)
         self.meta = {"run": run.name, "fingerprint": run.fingerprint}
         inter = self.predictor.prepared.interactions
