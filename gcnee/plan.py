@@ -216,13 +216,11 @@ class Shapes:
 # -- precision ---------------------------------------------------------------------------------
 
 def compute_bytes(precision: str) -> int:
-    """Bytes per element of the compute dtype of ``trainer.precision`` (bf16/16: 2, 32: 4)."""
-    p = str(precision)
-    if p.startswith(("bf16", "16")):
-        return 2
-    if p.startswith("64"):
-        return 8
-    return 4
+    """Bytes per element of the compute dtype of ``trainer.precision`` on CUDA (bf16/16: 2,
+    32: 4), as the load plan (:mod:`gcnee.llm.load_plan`) loads the weights."""
+    from gcnee.llm.load_plan import load_plan
+
+    return load_plan(precision, device="cuda").compute_dtype.itemsize
 
 
 def trainable_bytes(precision: str) -> int:
@@ -401,12 +399,11 @@ def plan_memory(cfg: Any, model_config: dict, config_source: str = "",
     """The per-stage memory plan of ``cfg`` for the model described by ``model_config``
     (a ``config.json`` dict); formulas in the module docstring."""
     sh = Shapes.from_config(model_config)
+    from gcnee.llm.load_plan import load_plan
+
     prec, quant = str(cfg.trainer.precision), cfg.llm.quantization
+    load_plan(prec, quant, device="cuda")  # the combinations the loaders refuse, refused here
     s = compute_bytes(prec)
-    if quant is not None and prec.endswith("-true") and s < 4:
-        raise ConfigError(f"llm.quantization={quant} with trainer.precision={prec}: a quantized "
-                          "model trains its adapters and norms in float32; use "
-                          f"{prec.replace('-true', '-mixed')}")
     eager = str(cfg.llm.attention) == "eager"
     if gpu_memory is None:
         gpu_memory, gpu_memory_source = visible_gpu_memory()

@@ -276,14 +276,18 @@ def predict_file(cfg: DictConfig, input_path: str | Path, output_path: str | Pat
         for rec in pred.predict_lines(lines):
             counts["errors" if "error" in rec else "scored"] += 1
             fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    seconds = time.perf_counter() - start
-    summary = {**counts, "seconds": round(seconds, 3),
-               "rps": round(counts["scored"] / seconds, 2) if seconds > 0 else None,
-               "mode": exit_mode(pred.cfg.eval, pred.full_depth, pred.run.chosen),
-               "output": str(output_path)}
+    summary = _summary(counts, time.perf_counter() - start, pred, output_path)
     print(f"[gcnee] predict: {counts['scored']} scored, {counts['errors']} error record(s), "
           f"{summary['seconds']} s, {summary['mode']} -> {output_path}", file=sys.stderr)
     return summary
+
+
+def _summary(counts: dict[str, int], seconds: float, pred: Predictor, output_path: Any,
+             **extra: Any) -> dict[str, Any]:
+    return {**counts, "seconds": round(seconds, 3), **extra,
+            "rps": round(counts["scored"] / seconds, 2) if seconds > 0 else None,
+            "mode": exit_mode(pred.cfg.eval, pred.full_depth, pred.run.chosen),
+            "output": str(output_path)}
 
 
 def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str | Path,
@@ -319,7 +323,8 @@ def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str
         counts: dict[str, Any] = {"scored": 0, "errors": 0, "failed": None}
         failure: Exception | None = None
         try:
-            pred = Predictor(TrainedRun.open(cfg, full_depth=full_depth).place(fabric.device))
+            run = TrainedRun.open(cfg, full_depth=full_depth, device=fabric.device)
+            pred = Predictor(run.place(fabric.device))
             part.parent.mkdir(parents=True, exist_ok=True)
             with open(input_path, encoding="utf-8") as fin, \
                     open(part, "w", encoding="utf-8") as f:
@@ -349,12 +354,8 @@ def predict_file_ranks(cfg: DictConfig, input_path: str | Path, output_path: str
         fabric.barrier()
     finally:
         end_processes()
-    seconds = time.perf_counter() - start
     total = {k: sum(c[k] for c in per_rank) for k in ("scored", "errors")}
-    summary = {**total, "seconds": round(seconds, 3), "processes": world,
-               "rps": round(total["scored"] / seconds, 2) if seconds > 0 else None,
-               "mode": exit_mode(pred.cfg.eval, pred.full_depth, pred.run.chosen),
-               "output": str(output_path)}
+    summary = _summary(total, time.perf_counter() - start, pred, output_path, processes=world)
     if rank == 0:
         print(f"[gcnee] predict: {total['scored']} scored, {total['errors']} error record(s) "
               f"on {world} processes, {summary['seconds']} s, {summary['mode']} -> "

@@ -65,6 +65,11 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.checkpoints_dir) / str(cfg.run.name)
 
 
+def served_stages(full_depth: bool) -> list[str]:
+    """The stages a trained run needs to answer requests (the exit stage only for early exit)."""
+    return ["data", "retriever", "llm"] + ([] if full_depth else ["exits"])
+
+
 def missing_outputs(folder: Path, stages: list[str]) -> list[str]:
     """``"<path> (<what>): --stages <s>"`` for every output of ``stages`` absent in ``folder``."""
     out = []
@@ -270,7 +275,7 @@ class TrainedRun:
         import gcnee.pipeline  # noqa: F401  (registers the stages: freshness needs them)
 
         folder = run_dir(cfg)
-        stages = ["data", "retriever", "llm"] + ([] if full_depth else ["exits"])
+        stages = served_stages(full_depth)
         check_run(folder, stages)
         run_cfg = run_config(cfg, folder, stages[-1])
         _warn_outdated(run_cfg, stages)

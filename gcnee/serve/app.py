@@ -39,10 +39,10 @@ class ServeError(RuntimeError):
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """Name, fingerprint and mode of the run ``cfg`` names, read from its markers (no model
     loading: the HTTP process shows them at ``GET /info``); checks the run is complete."""
-    from gcnee.run import apply_chosen_setting, check_run, exit_mode, run_dir
+    from gcnee.run import apply_chosen_setting, check_run, exit_mode, run_dir, served_stages
 
     folder = run_dir(cfg)
-    stages = ["data", "retriever", "llm"] + (["exits"] if cfg.serve.early_exit else [])
+    stages = served_stages(full_depth=not cfg.serve.early_exit)
     check_run(folder, stages)
     # the worker's TrainedRun.open applies the same choice to its own copy of the config
     served = cfg.copy()
