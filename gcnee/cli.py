@@ -255,13 +255,27 @@ def _data_preflight(cfg, force: bool) -> None:
             raise missing_files_error(cfg.data, err) from None
 
 
+def _resolve_precision(cfg) -> None:
+    """``trainer.precision: auto`` -> this machine's precision, said in one line."""
+    from gcnee.distributed import is_global_zero
+    from gcnee.precision import resolve_precision
+
+    precision, why = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if why and is_global_zero():
+        print(f"[gcnee] trainer.precision=auto -> {precision} ({why})", flush=True)
+    cfg.trainer.precision = precision
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from gcnee.stages import run_pipeline
 
     # The config first: its mistakes are reported before anything heavy is imported.
     cfg = None
     if getattr(args, "config", None) is not None:
-        cfg = load_config(args.config, args.overrides if hasattr(args, "overrides") else args.args)
+        cfg = load_config(args.config, args.overrides if hasattr(args, "overrides") else args.args,
+                          resolve_precision=False)
+        if args.command != "plan":  # gcnee plan plans for a GPU, not for this machine
+            _resolve_precision(cfg)
     if args.command == "fit":
         wanted = _split(args.stages) or None
         _fit_preflight(cfg, wanted, args.force)

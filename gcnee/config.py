@@ -189,6 +189,8 @@ class TrainerConfig:
     devices: Any = 1  # int, list of ids, or "auto"
     strategy: str = "auto"
     num_nodes: int = 1
+    # Lightning's precision, or auto: bf16-mixed where bf16 is native (CUDA with bf16, CPUs with
+    # AVX-512 BF16 or AMX), 32-true on other CPUs (gcnee.precision.resolve_precision).
     precision: str = "32-true"
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
@@ -446,8 +448,14 @@ def _explain(err: Exception, source: str) -> ConfigError:
     return ConfigError(f"{source}: {err}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                resolve_precision: bool = True) -> DictConfig:
     """Load ``path`` (YAML) over the schema defaults, then apply ``key=value`` overrides.
+
+    ``trainer.precision: auto`` becomes this machine's precision
+    (:func:`gcnee.precision.resolve_precision`), so the resolved config saved beside every
+    output and the stages' fingerprints name what ran; ``resolve_precision=False`` keeps
+    ``auto`` (``gcnee plan`` plans for a GPU, not for the machine it runs on).
 
     Returns a structured ``DictConfig`` (attribute access, type-checked on assignment). The run
     name defaults to the config file's stem. Values with fixed choices are checked too
@@ -481,6 +489,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "default"
     check_values(cfg)
+    if resolve_precision:
+        from gcnee.precision import resolve_precision as resolve
+
+        cfg.trainer.precision = resolve(cfg.trainer.precision, cfg.trainer.accelerator)[0]
     return cfg
 
 

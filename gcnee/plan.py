@@ -402,6 +402,8 @@ def plan_memory(cfg: Any, model_config: dict, config_source: str = "",
     from gcnee.llm.load_plan import load_plan
 
     prec, quant = str(cfg.trainer.precision), cfg.llm.quantization
+    if prec == "auto":  # what auto means on the GPUs this plans for (bf16: A100, H100, ...)
+        prec = "bf16-mixed"
     load_plan(prec, quant, device="cuda")  # the combinations the loaders refuse, refused here
     s = compute_bytes(prec)
     eager = str(cfg.llm.attention) == "eager"

@@ -1,35 +1,63 @@
-"""gcnee.precision: answer logits stay float32 under bf16 autocast."""
+"""gcnee.precision.resolve_precision: what trainer.precision=auto becomes on a machine."""
 
-import torch
+import pytest
 
-from gcnee.llm.module import last_position_logits
-from gcnee.precision import float32_linear
-
-from tiny import make_tiny_llama, make_tiny_tokenizer
+import gcnee.precision as precision
+from gcnee.config import load_config
 
 
-def test_float32_linear_ignores_bf16_autocast():
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(64, 32, generator=g) * 4, torch.randn(2, 32, generator=g)
-    ref = x @ w.T
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        rounded = torch.nn.functional.linear(x, w)
-        exact = float32_linear(x, w)
-    assert rounded.dtype == torch.bfloat16 and exact.dtype == torch.float32
-    torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
-    assert (rounded.float() - ref).abs().max() > 1e-2  # what bf16 logits would have lost
-    # Yes-minus-no margins keep their resolution: no ties from rounding.
-    assert torch.unique(exact[:, 0] - exact[:, 1]).numel() == 64
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "32-true"),
+                                              (None, "32-true")])
+def test_auto_on_the_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    got, why = precision.resolve_precision("auto", "cpu")
+    assert got == expected and why
 
 
-def test_last_position_logits_are_float32_under_autocast():
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(len(tok), num_layers=2, seed=2).eval()
-    ids = torch.tensor([[tok.pad_token_id, 10, 11, 12], [13, 14, 15, 16]])
-    am = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    with torch.no_grad():
-        fp32 = last_position_logits(model, ids, am)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = last_position_logits(model, ids, am)
-    assert fp32.dtype == mixed.dtype == torch.float32 and mixed.shape == (2, len(tok))
-    torch.testing.assert_close(mixed, fp32, atol=0.1, rtol=0)  # only the decoder ran in bf16
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", "auto")[0] == expected
+    # an explicit CPU run ignores the GPU
+    assert precision.resolve_precision("auto", "cpu")[0] == "32-true"
+
+
+def test_explicit_precisions_are_kept():
+    assert precision.resolve_precision("bf16-true", "cpu") == ("bf16-true", "")
+    assert precision.resolve_precision(None, "cpu") == ("32-true", "")
+
+
+def test_load_config_resolves_auto_unless_asked_not_to(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    cfg = load_config("configs/ml100k.yaml", ["trainer.accelerator=cpu"])
+    assert cfg.trainer.precision == "32-true"
+    kept = load_config("configs/ml100k.yaml", resolve_precision=False)
+    assert kept.trainer.precision == "auto"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert load_config("configs/ml100k.yaml",
+                       ["trainer.accelerator=cpu"]).trainer.precision == "bf16-mixed"
+
+
+def test_the_cli_says_what_auto_became(monkeypatch, capsys):
+    from gcnee.cli import _resolve_precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    cfg = load_config("configs/ml100k.yaml", resolve_precision=False)
+    cfg.trainer.accelerator = "cpu"
+    _resolve_precision(cfg)
+    assert cfg.trainer.precision == "32-true"
+    assert "trainer.precision=auto -> 32-true" in capsys.readouterr().out
+
+
+def test_plan_reads_auto_as_the_gpus_bf16():
+    from gcnee.plan import plan_from_config
+
+    cfg = load_config("configs/videogames.yaml", ["trainer.precision=auto"],
+                      resolve_precision=False)
+    auto = plan_from_config(cfg)
+    cfg.trainer.precision = "bf16-mixed"
+    assert auto.as_dict() == plan_from_config(cfg).as_dict()
