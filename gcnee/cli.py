@@ -274,11 +274,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "config", None) is not None:
         cfg = load_config(args.config, args.overrides if hasattr(args, "overrides") else args.args,
                           resolve_precision=False)
-        if args.command != "plan":  # gcnee plan plans for a GPU, not for this machine
+        # After the cheap checks (resolving looks for a GPU: it imports torch); not for gcnee
+        # plan (it plans for a GPU, not for this machine) nor the data stage (no model).
+        if args.command not in ("fit", "plan", "data"):
             _resolve_precision(cfg)
     if args.command == "fit":
         wanted = _split(args.stages) or None
         _fit_preflight(cfg, wanted, args.force)
+        _resolve_precision(cfg)
         import gcnee.pipeline  # noqa: F401  (registers every stage, not only the data stage)
 
         run_pipeline(cfg, wanted, force=args.force)

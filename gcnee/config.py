@@ -206,6 +206,9 @@ class TrainerConfig:
 class EvalConfig:
     max_samples: int | None = 2000  # evaluation samples per split (deterministic subset)
     val_max_samples: int | None = None  # validation subset size; null = same as max_samples
+    # The untuned LLM (a reference row) is scored on a seeded subset of at most this many of
+    # each evaluation subset's samples (null: all of them); the tuned model on all.
+    untuned_max_samples: int | None = None
     batch_size: int = 8
     rule: str = "window"  # window | confidence | patience | fixed (window = the head number)
     thresholds: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])

@@ -11,7 +11,7 @@ from fitted_run import ROOT, TINY, fitted_run
 from gcnee.cli import main
 from gcnee.config import ConfigError, load_config
 from gcnee.report.ablations import check_ablations, variants
-from gcnee.report.collect import configured_row
+from gcnee.report.collect import configured_row, served_row
 from gcnee.stages import read_json, run_pipeline
 
 STAGES = ("data", "retriever", "llm", "exits")
@@ -46,12 +46,13 @@ def test_fit_writes_the_report(fitted):
     assert rows["GCN-retriever"]["metrics"]["auc"] == llm["tuned"]["auc"]
     assert rows["GCN-retriever"]["metrics"]["log_loss"] == llm["tuned"]["log_loss"]
     sweep = read_json(fitted.run / "exits" / "sweep.json")
-    # tiny.yaml: eval.threshold 0.05 is not among the swept taus, window 2 is among the m's;
-    # the heads are calibrated (exits.calibration=auto): the served row has calibrated scores
-    ee = next(r for r in sweep["rows"] if r["kind"] == "m" and r["m"] == 2
-              and r["calibrated"] and r["reads"] == "raw")
+    # The row of the setting the run serves: the one chosen on validation (eval.exit_setting
+    # chosen), not eval.rule/threshold/window
+    assert sweep["chosen"], "the tiny run's sweep chose no setting"
+    ee = next(r for r in sweep["rows"] if r["row"] == sweep["chosen"]["row"])
     assert rows["GCN-earlyexit"]["metrics"]["auc"] == ee["auc"]
     assert rows["GCN-earlyexit"]["metrics"]["rps"] == ee["rps"]
+    assert f"{ee['row']}, chosen on validation" in rows["GCN-earlyexit"]["source"]
     for name in ("TALLRec", "LLM-retriever", "DeepFM", "DIN", "SIM", "GRU4Rec"):
         assert rows[name]["metrics"] is None, name
     assert "eval.ablations=[retrieval]" in rows["TALLRec"]["how"]
@@ -124,6 +125,23 @@ def test_configured_row_is_the_rule_at_threshold_and_window():
     assert configured_row(cal, cfg.eval, calibrated=True)["auc"] == 0.9  # eval.rule_reads=raw
 
 
+def test_served_row_is_the_chosen_one_unless_the_config_is_asked_for():
+    rows = [{"kind": "full", "row": "full depth", "auc": 0.6},
+            {"kind": "tau", "row": "window(tau=0.1,m=2)", "rule": "window", "tau": 0.1, "m": 2,
+             "auc": 0.7},
+            {"kind": "tau", "row": "window(tau=0.3,m=2)", "rule": "window", "tau": 0.3, "m": 2,
+             "auc": 0.5}]
+    sweep = {"rows": rows, "chosen": {"row": "window(tau=0.3,m=2)"}}
+    cfg = load_config(TINY, ["eval.threshold=0.1", "eval.window=2"])
+    row, how = served_row(sweep, cfg.eval)
+    assert row["auc"] == 0.5 and how == "window(tau=0.3,m=2), chosen on validation"
+    cfg.eval.exit_setting = "config"
+    row, how = served_row(sweep, cfg.eval)
+    assert row["auc"] == 0.7 and "eval.rule/threshold/window" in how
+    cfg.eval.exit_setting = "chosen"
+    assert served_row({"rows": rows, "chosen": None}, cfg.eval)[0]["auc"] == 0.7
+
+
 def test_retrieval_ablation_runs_a_sibling_and_fills_table4(fitted, tmp_path, capsys):
     cfg = fitted.cfg(f"run.logs_dir={tmp_path / 'logs'}", "eval.ablations=[retrieval]")
     llm_marker = (fitted.run / "llm" / "_SUCCESS.json").stat().st_mtime
@@ -169,3 +187,17 @@ def test_layers_and_k_ablations(fitted, tmp_path):
     assert [r["k"] for r in f5] == [1, 2]
     assert all(r["early_exit"]["rps"] > 0 for r in f5)
     assert (tmp_path / "logs" / "tiny" / "ablation_k.png").is_file()
+
+
+def test_llm_section_names_the_untuned_subset_and_the_paired_difference():
+    from gcnee.report.render import llm_md
+
+    test = {"tuned": {"auc": 0.57, "auc_lo": 0.55, "auc_hi": 0.60, "n": 2000},
+            "untuned": {"auc": 0.52, "auc_lo": 0.47, "auc_hi": 0.57, "n": 500,
+                        "tuned_auc_same_samples": 0.58, "tuned_minus_auc": 0.06,
+                        "tuned_minus_auc_lo": 0.01, "tuned_minus_auc_hi": 0.11}}
+    md = llm_md({"metrics": {"test": test}, "train_samples": 256})
+    assert ("LLM untuned was scored on 500 of the test samples (`eval.untuned_max_samples`): "
+            "there the tuned model's AUC is 0.5800, tuned − untuned +0.0600 [+0.010, +0.110]"
+            in md)
+    assert "scored on" not in llm_md({"metrics": {"test": {"tuned": test["tuned"]}}})

@@ -22,6 +22,7 @@ a few samples to even out ranks; harmless for training).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -270,6 +271,25 @@ class CTRDataModule(L.LightningDataModule):
         for split, d in built.items():
             self.datasets[split] = TokenizedSplit(d["input_ids"], d["labels"], d["sample_ids"],
                                                   d["truncated"])
+
+    def restricted(self, max_samples: int | None, seed: int) -> CTRDataModule:
+        """This set-up module with its validation and test sets cut to a seeded subset of at
+        most ``max_samples`` of their own samples each (the same prompts; training unchanged);
+        ``self`` when ``max_samples`` is None or covers them."""
+        if max_samples is None:
+            return self
+        view = copy.copy(self)
+        view.samples, view.datasets = dict(self.samples), dict(self.datasets)
+        for split in EVAL_SPLITS:
+            keep = eval_subset(self.samples[split], int(max_samples), seed)
+            wanted = {s.sample_id for s in keep}
+            ds = self.datasets[split]
+            rows = [i for i, sid in enumerate(ds.sample_ids) if sid in wanted]
+            view.samples[split] = keep
+            view.datasets[split] = TokenizedSplit(
+                [ds.input_ids[i] for i in rows], [ds.labels[i] for i in rows],
+                [ds.sample_ids[i] for i in rows], [ds.truncated[i] for i in rows])
+        return view
 
     # ---- statistics -----------------------------------------------------------------------
     def truncations(self) -> dict[str, int]:

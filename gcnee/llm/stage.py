@@ -88,7 +88,8 @@ def _evaluate(trainer: L.Trainer, module: Any, dm: CTRDataModule) -> dict[str, d
 def _untuned_cache(ctx: StageContext, dm: CTRDataModule) -> Path:
     cfg = ctx.cfg
     key = f"{dm.cache_path().stem}-{cfg.llm.quantization}-{cfg.trainer.precision}"
-    return ctx.out_dir / f"untuned-{key}.json"
+    n = cfg.eval.get("untuned_max_samples")
+    return ctx.out_dir / f"untuned-{key}{'' if n is None else f'-n{int(n)}'}.json"
 
 
 def _check_alignment(split: str, got: dict[str, list], ids: np.ndarray) -> np.ndarray:
@@ -97,6 +98,37 @@ def _check_alignment(split: str, got: dict[str, list], ids: np.ndarray) -> np.nd
         raise RuntimeError(f"{split}: scored samples differ from the split's samples "
                            f"({len(sid)} scored, {len(ids)} expected)")
     return np.asarray(got["score"], dtype=np.float64)
+
+
+def _spread(split: str, got: dict[str, list], ids: np.ndarray, expected: np.ndarray
+            ) -> np.ndarray:
+    """Scores of the samples ``expected`` (a subset of ``ids``, both sorted) placed at their
+    rows of ``ids``; NaN elsewhere (samples that scorer was not run on)."""
+    scores = _check_alignment(split, got, expected)
+    out = np.full(len(ids), np.nan)
+    out[np.searchsorted(ids, expected)] = scores
+    return out
+
+
+def _summaries(labels: np.ndarray, cols: dict[str, np.ndarray], n_boot: int, seed: int
+               ) -> dict[str, dict[str, float]]:
+    """Per scorer: :func:`gcnee.metrics.summarize` on the samples it scored; a scorer run on a
+    subset (the untuned model) also gets the tuned model's AUC on that subset and the paired
+    bootstrap CI of tuned minus it (``tuned_minus_auc``, ``_lo``, ``_hi``)."""
+    from gcnee.metrics import auc, auc_diff_ci
+
+    out = {}
+    for name, c in cols.items():
+        scored = ~np.isnan(c)
+        m = summarize(labels[scored], c[scored], n_boot=n_boot, seed=seed,
+                      probabilities=name in PROB_SCORERS)
+        if name != "tuned" and not scored.all():
+            tuned = cols["tuned"][scored]
+            m["tuned_auc_same_samples"] = auc(labels[scored], tuned)
+            d, lo, hi = auc_diff_ci(labels[scored], tuned, c[scored], n_boot=n_boot, seed=seed)
+            m.update(tuned_minus_auc=d, tuned_minus_auc_lo=lo, tuned_minus_auc_hi=hi)
+        out[name] = m
+    return out
 
 
 def _write_scores(path: Path, ids: np.ndarray, labels: np.ndarray,
@@ -108,7 +140,8 @@ def _write_scores(path: Path, ids: np.ndarray, labels: np.ndarray,
         w.writerow(["sample_id", "label", *columns])
         for i in range(len(ids)):
             w.writerow([int(ids[i]), int(labels[i]),
-                        *(f"{float(c[i]):.6g}" for c in columns.values())])
+                        *("" if np.isnan(c[i]) else f"{float(c[i]):.6g}"
+                          for c in columns.values())])
 
 
 def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -125,6 +158,7 @@ def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 @register("llm", config_keys=["llm", "prompt", "eval.max_samples", "eval.val_max_samples",
+                              "eval.untuned_max_samples",
                               "eval.bootstrap", "run.seed", *TRAINER_RESULT_KEYS],
           requires=["data", "retriever"], distributed=True,
           help="LoRA-tune the CTR LLM; AUC of tuned/untuned/simple scorers with 95% CIs")
@@ -157,12 +191,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # Untuned: LoRA's B matrices start at zero, so the wrapped model equals the base model.
     t0 = time.time()
     untuned_path = _untuned_cache(ctx, dm)
+    untuned_dm = dm.restricted(cfg.eval.get("untuned_max_samples"), int(cfg.run.seed))
     eval_trainer = build_trainer(cfg, fit=False, logger=logger)
     if untuned_path.is_file():
         untuned = read_json(untuned_path)
     else:
         module.tag = "untuned"
-        untuned = _evaluate(eval_trainer, module, dm)
+        untuned = _evaluate(eval_trainer, module, untuned_dm)
         if eval_trainer.is_global_zero:
             write_json(untuned_path, untuned)
     seconds["untuned_eval"] = time.time() - t0
@@ -208,16 +243,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ids = np.array([s.sample_id for s in samples])
         order = np.argsort(ids)
         ids, labels = ids[order], np.array([s.label for s in samples])[order]
+        untuned_ids = np.sort([s.sample_id for s in untuned_dm.samples[split]])
         cols = {"tuned": _check_alignment(split, tuned[split], ids),
-                "untuned": _check_alignment(split, untuned[split], ids)}
+                "untuned": _spread(split, untuned[split], ids, untuned_ids)}
         for name in SCORERS:
             cols[name] = score_simple(name, prepared, samples)[order]
         if zero:
             _write_scores(ctx.out_dir / f"scores_{split}.csv", ids, labels, cols)
-        metrics[split] = {name: summarize(labels, c, n_boot=int(cfg.eval.bootstrap),
-                                          seed=int(cfg.run.seed),
-                                          probabilities=name in PROB_SCORERS)
-                          for name, c in cols.items()}
+        metrics[split] = _summaries(labels, cols, int(cfg.eval.bootstrap), int(cfg.run.seed))
     seconds["total"] = sum(seconds.values())
     summary = {
         "metrics": metrics,

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gcnee.config import ConfigError
 from gcnee.distributed import barrier, is_global_zero
-from gcnee.report.collect import collect_run, configured_row, full_row
+from gcnee.report.collect import collect_run, full_row, served_row
 from gcnee.run import run_dir
 from gcnee.stages import MARKER, fingerprint, run_pipeline, stage_status
 
@@ -156,17 +156,19 @@ def run_variant(cfg: DictConfig, v: Variant, execute: bool) -> dict[str, Any]:
 
 def describe(cfg: DictConfig, run: dict[str, Any]) -> dict[str, Any]:
     """What the tables need from one run: its retriever settings, the tuned LLM's test metrics,
-    and the exit sweep's full-depth and configured rows."""
+    and the exit sweep's full-depth row and the row of the setting the run serves
+    (:func:`gcnee.report.collect.served_row`)."""
     llm = (run.get("llm") or {}).get("metrics") or {}
     sweep = (run.get("exits") or {}).get("sweep") or {}
     rows = sweep.get("rows") or []
+    early_exit, setting = served_row(sweep, cfg.eval)
     return {
         "run": str(cfg.run.name), "kind": str(cfg.retriever.kind), "k": int(cfg.retriever.k),
         "layers_mode": str(cfg.retriever.layers_mode),
         "stages": {n: s["status"] for n, s in run["stages"].items()},
         "llm_test": (llm.get("test") or {}).get("tuned"),
         "full": full_row(rows),
-        "early_exit": configured_row(rows, cfg.eval, calibrated=bool(sweep.get("calibration"))),
+        "early_exit": early_exit, "early_exit_setting": setting,
     }
 
 
@@ -222,8 +224,8 @@ def table2(cfg: DictConfig, runs: list[dict[str, Any]], baselines: dict | None
     r = _find(runs, "gcn", cfg)
     m = _metric(r["early_exit"]) if r else None
     rows.append({"category": "few-shot", "model": "GCN-earlyexit", "metrics": m,
-                 "source": (f"exit sweep of run '{r['run']}', rule {cfg.eval.rule} "
-                            f"tau={cfg.eval.threshold} m={cfg.eval.window}") if m else None,
+                 "source": (f"exit sweep of run '{r['run']}', "
+                            f"{r['early_exit_setting']}") if m else None,
                  "how": None if m else (
                      f"retriever.kind=gcn or {retr}, with the exits stage and eval.threshold/"
                      "eval.window among the swept values")})

@@ -113,6 +113,22 @@ def configured_row(rows: list[dict[str, Any]], eval_cfg: Any,
     return None
 
 
+def served_row(sweep: dict[str, Any], eval_cfg: Any) -> tuple[dict[str, Any] | None, str]:
+    """The sweep row of the exit setting the run serves (``gcnee.run.apply_chosen_setting``)
+    and, in words, which it is: with ``eval.exit_setting=chosen`` the setting the exit stage
+    chose on validation, else (or with no choice recorded) the configured one
+    (:func:`configured_row`)."""
+    rows = sweep.get("rows") or []
+    chosen = sweep.get("chosen")
+    if str(eval_cfg.get("exit_setting", "chosen")) == "chosen" and chosen:
+        row = next((r for r in rows if r.get("row") == chosen.get("row")), None)
+        if row is not None:
+            return row, f"{row['row']}, chosen on validation"
+    row = configured_row(rows, eval_cfg, calibrated=bool(sweep.get("calibration")))
+    return row, (f"rule {eval_cfg.rule} tau={eval_cfg.threshold} m={eval_cfg.window} "
+                 "(eval.rule/threshold/window)")
+
+
 def full_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The full-depth (no early exit) row of a sweep."""
     return next((r for r in rows if r.get("kind") == "full"), None)

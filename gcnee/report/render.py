@@ -97,6 +97,14 @@ def llm_md(m: dict[str, Any]) -> str:
                          fmt(s.get("accuracy"), 3), _n(s.get("n"))])
     out = markdown_table(["split", "scorer", "AUC [95% CI]", "log-loss", "accuracy", "n"], rows,
                          "llrrrr")
+    for split in ("test", "val"):
+        for name, s in ((m.get("metrics") or {}).get(split) or {}).items():
+            if s.get("tuned_minus_auc") is not None:
+                out += (f"\n\n{SCORER_NAMES.get(name, name)} was scored on {_n(s.get('n'))} of "
+                        f"the {split} samples (`eval.untuned_max_samples`): there the tuned "
+                        f"model's AUC is {fmt(s.get('tuned_auc_same_samples'), 4)}, tuned − "
+                        f"untuned {s['tuned_minus_auc']:+.4f} [{s['tuned_minus_auc_lo']:+.3f}, "
+                        f"{s['tuned_minus_auc_hi']:+.3f}] (paired bootstrap).")
     return (out + f"\n\n{_n(m.get('train_samples'))} few-shot training samples; final training "
             f"loss {fmt(m.get('final_train_loss'), 4)}; truncated prompts "
             f"{m.get('truncated')}; prompt tokens {m.get('prompt_tokens')}. Item/history means "
@@ -202,7 +210,7 @@ def render(report: dict[str, Any]) -> str:
                   else _missing(report, key)]
     parts += ["", "## Table 2: comparison (test AUC)", "",
               "Traditional models: all of train, scored on the LLM's test subset. Few-shot rows "
-              "from the llm stage (tuned) or the exit sweep (configured rule).", "",
+              "from the llm stage (tuned) or the exit sweep (the setting the run serves).", "",
               table2_md(report["table2"])]
     abl = report.get("ablations") or {}
     if abl.get("requested"):
