@@ -53,4 +53,4 @@ def resolve_precision(precision: str | int | None, accelerator: str = "auto") ->
             return "16-mixed", "CUDA GPU without bf16"
     if cpu_has_native_bf16():
         return "bf16-mixed", "CPU with AVX-512 BF16 or AMX"
-    return "32-true", "CPU without AVX-512 BF16 or AMX (bf16 would be emulated)"
+    return "32-true", "CPU without AVX-512 BF16 or AMX: bf16 would be emulated"
