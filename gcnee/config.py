@@ -387,6 +387,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "exits.calibration": ("none", "platt", "isotonic", "auto"),
 }
 HEADER_FILES = ("interactions", "items", "users")
+# Sample counts where null means "all" and 0 or less is a mistake.
+POSITIVE_OR_NULL = ("eval.max_samples", "eval.val_max_samples", "eval.untuned_max_samples")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -397,6 +399,10 @@ def check_values(cfg: DictConfig) -> None:
         if value not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
             raise ConfigError(f"{key} must be one of {shown}; got {value!r}")
+    for key in POSITIVE_OR_NULL:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and int(value) <= 0:
+            raise ConfigError(f"{key} must be a positive count or null (all); got {value!r}")
     header = cfg.data.header
     if header is None or isinstance(header, bool):
         return

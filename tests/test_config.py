@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from gcnee.config import ConfigError, load_config, section_fingerprint
 
@@ -122,3 +123,12 @@ def test_load_time_choices_match_the_stages_own_constants():
            "exits.calibration": CALIBRATIONS}
     for key, values in own.items():
         assert set(CHOICES[key]) == set(values), key
+
+
+@pytest.mark.parametrize("key", ["eval.max_samples", "eval.val_max_samples",
+                                 "eval.untuned_max_samples"])
+def test_sample_counts_must_be_positive_or_null(key):
+    with pytest.raises(ConfigError, match=f"{key} must be a positive count or null"):
+        load_config(None, [f"{key}=0"])
+    assert OmegaConf.select(load_config(None, [f"{key}=null"]), key) is None
+    assert OmegaConf.select(load_config(None, [f"{key}=3"]), key) == 3
